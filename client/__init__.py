@@ -1,0 +1,1 @@
+"""fedsynth ClientApp: a hospital's node. Images stay here; weights and scalars leave."""

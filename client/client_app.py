@@ -1,0 +1,86 @@
+"""fedsynth ClientApp (Flower Message API).
+
+``train``: receive global weights, run DP-SGD locally, send back weights and
+scalar metrics (ε spent, loss, label counts). ``evaluate``: held-out denoising
+loss. Images never leave this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.appconfig import run_from_context
+from common.config import ConfigError, RunConfig, SiteConfig, load_site
+from common.data import load_site as load_site_data
+from common.privacy import BudgetExceeded
+from common.runtime import pick_device
+
+from .checks import check_site_data
+from .trainer import heldout_loss, ledger_for, train_round
+
+
+def resolve_site(run: RunConfig, context: Context) -> SiteConfig:
+    """A deployed node names its site YAML; a simulated node is given a partition id."""
+    node = context.node_config
+    if "site-config" in node:
+        return load_site(str(node["site-config"]))
+    sites = run.training_sites
+    if int(node.get("num-partitions", len(sites))) != len(sites):
+        raise ConfigError(f"{run.origin}: {node['num-partitions']} simulated nodes but {len(sites)} training sites")
+    return sites[int(node["partition-id"])]
+
+
+def state_dir(site: SiteConfig, config: ConfigRecord) -> Path:
+    if site.state_dir:
+        return Path(site.state_dir).expanduser()
+    return Path(str(config["run-dir"])) / "clients" / site.name
+
+
+def _metrics(values: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k.replace("_", "-"): float(v) for k, v in values.items()})
+
+
+def make_client_app(get_run: Callable[[Context], RunConfig]) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        run = get_run(context)
+        site = resolve_site(run, context)
+        config = msg.content["config"]
+        data = load_site_data(run, site)
+        check_site_data(data)
+        where = state_dir(site, config)
+        info = ConfigRecord({"site": site.name, "reason": ""})
+        try:
+            result = train_round(
+                run, site, data, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]), where, pick_device()
+            )
+        except BudgetExceeded as exc:
+            ledger = ledger_for(run, site, where)
+            info["reason"] = str(exc)
+            metrics = {"declined": 1, "epsilon": ledger.spent, "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}
+            return Message(RecordDict({"metrics": _metrics(metrics), "site": info}), reply_to=msg)
+        counts = {f"label_count_{c}": n for c, n in enumerate(data.label_counts(run.model.num_classes))}
+        metrics = _metrics({**result.metrics, **counts, "declined": 0})
+        content = RecordDict({"arrays": ArrayRecord(result.weights), "metrics": metrics, "site": info})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        run = get_run(context)
+        site = resolve_site(run, context)
+        data = load_site_data(run, site)
+        loss = heldout_loss(run, data, msg.content["arrays"].to_torch_state_dict(), pick_device())
+        metrics = _metrics({"heldout_loss": loss, "num_examples": len(data.holdout_x)})
+        return Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"site": site.name})}), reply_to=msg)
+
+    return app
+
+
+# Entry point for `flwr run .` / a deployed SuperNode: the YAML path comes from the run config.
+app = make_client_app(run_from_context)

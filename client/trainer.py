@@ -1,0 +1,138 @@
+"""One federated round of local DP-SGD training on a hospital's own images.
+
+Opacus' :class:`~opacus.PrivacyEngine` wraps the model, optimizer and loader
+(Poisson sampling, per-sample clipping, Gaussian noise); the loop itself is an
+ordinary PyTorch loop. The site's :class:`~common.privacy.PrivacyLedger` is the
+engine's accountant, so every optimizer step is accounted and persisted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import RunConfig, SiteConfig
+from common.data import SiteData
+from common.models import build_unet, noise_prediction_loss, train_scheduler
+from common.privacy import PrivacyLedger, calibrate
+from common.runtime import seed_everything
+
+from .checks import check_weights
+
+
+@dataclass
+class RoundResult:
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def ledger_for(run: RunConfig, site: SiteConfig, state_dir: Path) -> PrivacyLedger:
+    assert site.privacy is not None
+    return PrivacyLedger(state_dir / "privacy_ledger.json", site.privacy.epsilon, site.privacy.delta, run.training.accountant)
+
+
+def train_round(
+    run: RunConfig,
+    site: SiteConfig,
+    data: SiteData,
+    global_weights: dict[str, torch.Tensor],
+    server_round: int,
+    state_dir: Path,
+    device: torch.device,
+) -> RoundResult:
+    """Train ``run.training.local_steps`` steps from ``global_weights``.
+
+    Raises :class:`~common.privacy.BudgetExceeded` *before* touching the data
+    when the steps would exceed the site's ε budget.
+    """
+    cfg = run.training
+    torch.set_num_threads(cfg.threads_per_client)
+    seed_everything(run.seed + 10_007 * server_round + sum(map(ord, site.name)))
+
+    model = build_unet(run.model)
+    check_weights(global_weights, model.state_dict(), f"round {server_round} global model")
+    model.load_state_dict(global_weights)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=cfg.batch_size, shuffle=True)
+    metrics: dict[str, float] = {}
+
+    if cfg.dp:
+        plan = calibrate(
+            site.privacy.epsilon,
+            site.privacy.delta,
+            num_examples=len(data.train_x),
+            batch_size=cfg.batch_size,
+            steps_per_round=cfg.local_steps,
+            rounds=cfg.rounds,
+            accountant=cfg.accountant,
+        )
+        ledger = ledger_for(run, site, state_dir)
+        ledger.check(plan.noise_multiplier, plan.sample_rate, cfg.local_steps)
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        engine.accountant = ledger.accountant  # account into the persisted ledger
+        model_dp, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=cfg.grad_sample_mode,
+        )
+        metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    else:
+        warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
+        model_dp, ledger = model, None
+
+    scheduler = train_scheduler(run.model)
+    losses: list[float] = []
+    batches = iter(loader)
+    while len(losses) < cfg.local_steps:
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        if len(x) == 0:  # Poisson sampling can draw an empty batch: nothing is released
+            losses.append(float("nan"))
+            continue
+        loss = noise_prediction_loss(model_dp, scheduler, x.to(device), y.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+
+    finite = [v for v in losses if v == v]
+    metrics.update(
+        train_loss=sum(finite) / max(1, len(finite)),
+        steps=float(cfg.local_steps),
+        num_examples=float(len(data.train_x)),
+    )
+    if ledger is not None:
+        ledger.record_round(server_round, cfg.local_steps)
+        metrics.update(epsilon=ledger.spent, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta)
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    for key, value in weights.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise FloatingPointError(f"site {site.name}: local update {key} is not finite; not sending it")
+    return RoundResult(weights, metrics)
+
+
+@torch.no_grad()
+def heldout_loss(run: RunConfig, data: SiteData, weights: dict[str, torch.Tensor], device: torch.device, max_images: int = 256) -> float:
+    """Denoising loss of the global model on this site's held-out images (fixed seeds)."""
+    model = build_unet(run.model)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    gen = torch.Generator().manual_seed(run.seed)
+    x = data.holdout_x[:max_images].to(device)
+    y = data.holdout_y[:max_images].to(device)
+    t = torch.randint(0, run.model.num_train_timesteps, (len(x),), generator=gen).to(device)
+    noise = torch.randn(x.shape, generator=gen).to(device)
+    return float(noise_prediction_loss(model, train_scheduler(run.model), x, y, t, noise))

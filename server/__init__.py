@@ -1,0 +1,1 @@
+"""fedsynth ServerApp: FedAvg with a privacy ledger, checkpoints and synthesis."""

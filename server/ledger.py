@@ -1,0 +1,47 @@
+"""The server's view of each site's privacy spend, built from what clients report.
+
+The client's own ledger is authoritative (it enforces the budget); this copy
+lets the coordinator and the report show ε per site per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.runtime import write_json
+
+
+@dataclass
+class ServerLedger:
+    path: Path
+    sites: dict[str, list[dict]] = field(default_factory=dict)
+
+    def record(self, site: str, server_round: int, metrics: dict[str, float], reason: str = "") -> None:
+        entry = {
+            "round": server_round,
+            "epsilon": float(metrics.get("epsilon", 0.0)),
+            "epsilon_budget": float(metrics.get("epsilon-budget", float("nan"))),
+            "delta": float(metrics.get("delta", 0.0)),
+            "declined": bool(metrics.get("declined", 0)),
+        }
+        if reason:
+            entry["reason"] = reason
+        self.sites.setdefault(site, []).append(entry)
+        write_json(self.path, self.summary())
+
+    def latest(self, site: str) -> dict:
+        return self.sites[site][-1]
+
+    def summary(self) -> dict:
+        return {
+            site: {
+                "epsilon": entries[-1]["epsilon"],
+                "delta": entries[-1]["delta"],
+                "epsilon_budget": entries[-1]["epsilon_budget"],
+                "rounds_trained": sum(not e["declined"] for e in entries),
+                "declined_rounds": [e["round"] for e in entries if e["declined"]],
+                "history": entries,
+            }
+            for site, entries in self.sites.items()
+        }

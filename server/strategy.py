@@ -1,0 +1,75 @@
+"""FedAvg that honours declining sites, keeps the privacy ledger and checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp.strategy import FedAvg
+
+from common.runtime import write_json
+
+from .ledger import ServerLedger
+
+
+class LedgerFedAvg(FedAvg):
+    """FedAvg (McMahan et al. 2017) over ArrayRecords, plus:
+
+    * replies with ``declined = 1`` (a site at its ε budget) are logged and left
+      out of the average instead of failing the round;
+    * every reply's ε is written to the server ledger;
+    * the aggregate is checkpointed to ``run_dir/checkpoints`` every round.
+    """
+
+    def __init__(self, run_dir: Path, ledger: ServerLedger, **kwargs):
+        super().__init__(**kwargs)
+        self.run_dir = run_dir
+        self.ledger = ledger
+        self.history: dict[str, list[dict]] = {"train": [], "evaluate": []}
+        self.label_counts: dict[str, list[int]] = {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = []
+        for msg in replies:
+            if msg.has_error():
+                accepted.append(msg)  # FedAvg logs and drops it
+                continue
+            site = str(msg.content["site"]["site"])
+            metrics = dict(msg.content["metrics"])
+            reason = str(msg.content["site"]["reason"])
+            self.ledger.record(site, server_round, metrics, reason)
+            if metrics.get("declined"):
+                log(WARNING, "Site %s declined round %d: %s", site, server_round, reason)
+                continue
+            self.label_counts[site] = [int(metrics[k]) for k in sorted(metrics) if k.startswith("label-count-")]
+            self.history["train"].append({"round": server_round, "site": site, **metrics})
+            log(INFO, "Site %s: loss %.4f, epsilon %.3f", site, metrics["train-loss"], metrics.get("epsilon", float("nan")))
+            accepted.append(msg)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None:
+            self.checkpoint(server_round, arrays)
+        self._save_history()
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            if not msg.has_error():
+                self.history["evaluate"].append(
+                    {"round": server_round, "site": str(msg.content["site"]["site"]), **dict(msg.content["metrics"])}
+                )
+        self._save_history()
+        return super().aggregate_evaluate(server_round, replies)
+
+    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
+        path = self.run_dir / "checkpoints" / f"round_{server_round:04d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"round": server_round, "weights": arrays.to_torch_state_dict()}, path)
+        return path
+
+    def _save_history(self) -> None:
+        write_json(self.run_dir / "history.json", self.history)

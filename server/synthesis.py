@@ -1,0 +1,64 @@
+"""Sample the pooled synthetic dataset from the final global model and write its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.models import build_unet, sample
+from common.runtime import pick_device, sha256_file, sha256_state_dict, versions, write_json
+
+
+def class_counts(run: RunConfig, pooled_label_counts: list[int]) -> list[int]:
+    """Images per class: ``synthesis.class_mix`` if set, else the sites' pooled label mix."""
+    k = run.model.num_classes
+    if run.synthesis.class_mix:
+        mix = np.array([run.synthesis.class_mix.get(c, 0.0) for c in range(k)], dtype=float)
+    else:
+        mix = np.array(pooled_label_counts[:k], dtype=float)
+    if mix.sum() <= 0:
+        raise ValueError("synthesis.class_mix: shares must sum to a positive number")
+    mix = mix / mix.sum()
+    counts = np.floor(mix * run.synthesis.num_images).astype(int)
+    counts[np.argmax(mix)] += run.synthesis.num_images - counts.sum()
+    return counts.tolist()
+
+
+def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_counts: list[int], out_dir: Path, provenance: dict) -> Path:
+    """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and ``manifest.json``."""
+    counts = class_counts(run, pooled_label_counts)
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
+    model = build_unet(run.model)
+    model.load_state_dict(weights)
+    seed = run.seed + 1
+    images = sample(model, run.model, labels, run.synthesis.ddim_steps, seed, run.synthesis.batch_size, pick_device())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_path = out_dir / "synthetic.npz"
+    np.savez_compressed(
+        data_path,
+        images=(images[:, 0].numpy() * 255).round().astype(np.uint8),
+        labels=labels.numpy().astype(np.int64),
+    )
+    manifest = {
+        "files": {data_path.name: sha256_file(data_path)},
+        "num_images": int(len(labels)),
+        "class_counts": counts,
+        "class_mix": "configured" if run.synthesis.class_mix else "pooled site label distribution",
+        "sampler": {"name": "DDIM", "steps": run.synthesis.ddim_steps, "eta": 0.0, "seed": seed},
+        "model_sha256": sha256_state_dict(weights),
+        "run_seed": run.seed,
+        "versions": versions(),
+        **provenance,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return data_path
+
+
+def load_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(path) as npz:
+        x = torch.from_numpy(npz["images"].astype(np.float32) / 255.0)[:, None]
+        y = torch.from_numpy(npz["labels"])
+    return x, y

@@ -1,0 +1,1 @@
+"""Multi-site simulation: configs (``*.yaml``) and the ``fedsynth`` entry points."""

@@ -1,0 +1,56 @@
+"""The ``fedsynth`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.config import ConfigError
+from common.data.medmnist import DataError
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from .simulate import simulate
+
+    simulate(args.config, args.profile, args.output_dir)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from common.config import run_from_dict
+
+    from .simulate import evaluate_run
+
+    import json
+
+    run_dir = Path(args.run_dir).resolve()
+    run = run_from_dict(json.loads((run_dir / "config.json").read_text()))
+    evaluate_run(run, run_dir)
+    print(f"wrote {run_dir / 'report.json'} and {run_dir / 'report.html'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedsynth", description="Federated, privacy-preserving synthesis of medical images")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate every site of a federation on this machine, then score the release")
+    p.add_argument("config", help="simulation YAML, e.g. simulations/demo.yaml")
+    p.add_argument("--profile", default="quick", help="'quick' (default) or a profile named in the YAML, e.g. 'full'")
+    p.add_argument("--output-dir", default=None, help="where run folders go (default: the YAML's output_dir)")
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("evaluate", help="(re)score a finished run folder, e.g. one made by `flwr run .`")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_evaluate)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"fedsynth: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Score a synthetic release on Fidelity, Utility and Privacy, against real images.
+
+In a simulation the researcher holds every site's data, so this runs in one
+process; each per-site block uses only that site's images, as a site's own
+evaluation would. Pooled-real training (d) is the simulation-only upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common.config import RunConfig
+from common.data import SiteData, load_site
+from common.metrics.attacks import attack_metrics, denoising_scores, nearest_neighbour_report
+from common.metrics.fidelity import build_extractor, extract, fid_kid, msssim_diversity
+from common.metrics.fup import fidelity_score, fup_score, privacy_score, utility_score
+from common.metrics.utility import score_classifier, train_classifier
+from common.runtime import pick_device
+from server.synthesis import load_synthetic
+
+
+def _subsample(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
+    """Returns (metrics for report.json, preview images per class for the HTML report)."""
+    device = pick_device()
+    ev = run.evaluation
+    sites: dict[str, SiteData] = {s.name: load_site(run, s) for s in tqdm(run.sites, desc="loading sites")}
+    train_names = [s.name for s in run.training_sites]
+    ext_names = [s.name for s in run.external_sites]
+    syn_x, syn_y = load_synthetic(run_dir / "synthetic" / "synthetic.npz")
+    weights = torch.load(run_dir / "global_model.pt", map_location="cpu")
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+
+    pooled_train_x = _cat([sites[n].train_x for n in train_names])
+    pooled_train_y = _cat([sites[n].train_y for n in train_names])
+    pooled_hold_x = _cat([sites[n].holdout_x for n in train_names])
+    pooled_hold_y = _cat([sites[n].holdout_y for n in train_names])
+    # An external site evaluates on all its images: none were used for training.
+    external = {n: (_cat([sites[n].train_x, sites[n].holdout_x]), _cat([sites[n].train_y, sites[n].holdout_y])) for n in ext_names}
+
+    # ------------------------------------------------------------ fidelity
+    net, extractor = build_extractor(ev.fidelity)
+    n = min(ev.fidelity.max_images, len(pooled_hold_x), len(syn_x), len(pooled_train_x))
+    f_hold = extract(net, _subsample(pooled_hold_x, pooled_hold_y, n, run.seed)[0])
+    f_syn = extract(net, _subsample(syn_x, syn_y, n, run.seed)[0])
+    f_train = extract(net, _subsample(pooled_train_x, pooled_train_y, n, run.seed)[0])
+    vs_syn = fid_kid(f_hold, f_syn, ev.fidelity.kid_subset_size)
+    reference = fid_kid(f_hold, f_train, ev.fidelity.kid_subset_size)
+    fidelity = {
+        "extractor": extractor,
+        "num_images": n,
+        "fid": vs_syn["fid"],
+        "kid": vs_syn["kid"],
+        "kid_std": vs_syn["kid_std"],
+        "fid_real_reference": reference["fid"],
+        "kid_real_reference": reference["kid"],
+        "msssim_synthetic": msssim_diversity(syn_x, syn_y, ev.fidelity.msssim_pairs, run.seed),
+        "msssim_real": msssim_diversity(pooled_hold_x, pooled_hold_y, ev.fidelity.msssim_pairs, run.seed),
+        "sites": {},
+    }
+    for name in train_names + ext_names:
+        real = sites[name].holdout_x if name in train_names else external[name][0]
+        f_site = extract(net, real[:n])
+        fidelity["sites"][name] = fid_kid(f_site, f_syn[: len(f_site)], ev.fidelity.kid_subset_size)
+
+    # ------------------------------------------------------------- utility
+    k, size = run.model.num_classes, run.model.image_size
+    progress = tqdm(total=2 * len(train_names) + 2, desc="downstream classifiers")
+
+    def fit_and_score(x, y, internal: tuple[torch.Tensor, torch.Tensor], seed: int) -> dict:
+        model = train_classifier(ev.classifier, x, y, size, k, seed, device)
+        progress.update()
+        out = {"train_images": len(x), "internal": score_classifier(model, *internal, device)}
+        out["external"] = {e: score_classifier(model, ex, ey, device) for e, (ex, ey) in external.items()}
+        return out
+
+    utility = {
+        "synthetic_only": fit_and_score(syn_x, syn_y, (pooled_hold_x, pooled_hold_y), run.seed + 11),
+        "pooled_real": fit_and_score(pooled_train_x, pooled_train_y, (pooled_hold_x, pooled_hold_y), run.seed + 12),
+        "sites": {},
+    }
+    for i, name in enumerate(train_names):
+        s = sites[name]
+        real = fit_and_score(s.train_x, s.train_y, (s.holdout_x, s.holdout_y), run.seed + 100 + i)
+        hybrid = fit_and_score(torch.cat([s.train_x, syn_x]), torch.cat([s.train_y, syn_y]), (s.holdout_x, s.holdout_y), run.seed + 100 + i)
+        utility["sites"][name] = {
+            "real_only": real,
+            "hybrid": hybrid,
+            "auc_gain_internal": hybrid["internal"]["auc"] - real["internal"]["auc"],
+            "auc_gain_external": _mean([hybrid["external"][e]["auc"] - real["external"][e]["auc"] for e in ext_names]),
+        }
+    progress.close()
+    utility["auc_gain_internal"] = _mean([v["auc_gain_internal"] for v in utility["sites"].values()])
+    utility["auc_gain_external"] = _mean([v["auc_gain_external"] for v in utility["sites"].values()])
+
+    # ------------------------------------------------------------- privacy
+    privacy = {"sites": {}}
+    for name in tqdm(train_names, desc="privacy attacks"):
+        s = sites[name]
+        m_x, m_y = _subsample(s.train_x, s.train_y, ev.attack.max_images, run.seed)
+        h_x, h_y = _subsample(s.holdout_x, s.holdout_y, ev.attack.max_images, run.seed)
+        # Same seed for both groups: each image position gets the same noise draw.
+        member = denoising_scores(weights, run.model, m_x, m_y, ev.attack.timesteps, run.seed, device)
+        nonmember = denoising_scores(weights, run.model, h_x, h_y, ev.attack.timesteps, run.seed, device)
+        mi = attack_metrics(member, nonmember)
+        spent = ledger.get(name, {})
+        privacy["sites"][name] = {
+            "epsilon": spent.get("epsilon", float("nan")),
+            "delta": spent.get("delta", float("nan")),
+            "epsilon_budget": spent.get("epsilon_budget", float("nan")),
+            "rounds_trained": spent.get("rounds_trained", 0),
+            "declined_rounds": spent.get("declined_rounds", []),
+            "mi_auc": mi["auc"],
+            "mi_tpr_at_1pct_fpr": mi["tpr_at_1pct_fpr"],
+            **nearest_neighbour_report(syn_x, s.train_x, s.holdout_x, ev.attack.reid_quantile, run.seed),
+        }
+    per = privacy["sites"].values()
+    privacy.update(
+        mi_auc_max=max(p["mi_auc"] for p in per),
+        reid_rate_max=max(p["reid_rate"] for p in per),
+        epsilon_max=max(p["epsilon"] for p in per),
+        reid_quantile=ev.attack.reid_quantile,
+    )
+
+    # ----------------------------------------------------------------- FUP
+    syn_aucs = [utility["synthetic_only"]["internal"]["auc"]] + [v["auc"] for v in utility["synthetic_only"]["external"].values()]
+    real_aucs = [utility["pooled_real"]["internal"]["auc"]] + [v["auc"] for v in utility["pooled_real"]["external"].values()]
+    f = fidelity_score(fidelity["fid"], fidelity["fid_real_reference"])
+    u = utility_score(syn_aucs, real_aucs)
+    p = privacy_score(privacy["mi_auc_max"], privacy["reid_rate_max"], ev.attack.reid_quantile)
+    fup = {"fidelity": f, "utility": u, "privacy": p, "fup": fup_score(f, u, p, ev.fup_weights), "weights": vars(ev.fup_weights)}
+
+    headline = {
+        "fid": fidelity["fid"],
+        "kid": fidelity["kid"],
+        "auc_gain_internal": utility["auc_gain_internal"],
+        "auc_gain_external": utility["auc_gain_external"],
+        "mi_auc_max": privacy["mi_auc_max"],
+        "reid_rate_max": privacy["reid_rate_max"],
+        "epsilon": {n: privacy["sites"][n]["epsilon"] for n in train_names},
+        "fup": fup["fup"],
+    }
+    previews = {
+        "real": {c: pooled_hold_x[pooled_hold_y == c][:32] for c in range(k)},
+        "synthetic": {c: syn_x[syn_y == c][:32] for c in range(k)},
+    }
+    metrics = {"headline": headline, "fidelity": fidelity, "utility": utility, "privacy": privacy, "fup": fup}
+    return metrics, previews
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

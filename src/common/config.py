@@ -1,0 +1,272 @@
+"""Typed configuration: YAML files validated into dataclasses.
+
+One source of truth: ``sites/<site>.yaml`` describes a hospital, and a simulation
+YAML (``simulations/demo.yaml``) describes a run and lists its site files.
+Validation errors name the file and the field, e.g.::
+
+    ConfigError: sites/hospital_a.yaml: privacy.epsilon: Input should be greater than 0
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed or fails validation."""
+
+
+# --------------------------------------------------------------------- sites
+@dataclass(config=_STRICT)
+class SourceConfig:
+    """Where a site's images come from."""
+
+    kind: Literal["medmnist"] = "medmnist"
+    dataset: str = "pneumoniamnist"
+    # Explicit file; else $FEDSYNTH_DATA_DIR/medmnist/<dataset>.npz; else download.
+    path: str | None = None
+    splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["train", "val"])
+    download: bool = False
+    cache_dir: str = "~/.cache/fedsynth"
+
+
+@dataclass(config=_STRICT)
+class AcquisitionConfig:
+    """A deterministic scanner profile applied to intensities in [0, 1]."""
+
+    gamma: float = Field(1.0, gt=0)
+    contrast: float = Field(1.0, gt=0)
+    blur_sigma: float = Field(0.0, ge=0)
+    noise_std: float = Field(0.0, ge=0)
+    offset: float = 0.0
+    seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class PrivacyBudget:
+    epsilon: float = Field(gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+@dataclass(config=_STRICT)
+class SiteConfig:
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    role: Literal["train", "external"] = "train"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    # Relative size of this site's share of the training pool (train sites only).
+    share: float = Field(1.0, gt=0)
+    holdout_fraction: float = Field(0.3, gt=0, lt=1)
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+    privacy: PrivacyBudget | None = None
+    # Where the client keeps its persistent state (privacy ledger). Simulations
+    # put it under the run directory when unset.
+    state_dir: str | None = None
+    origin: str = ""  # file this site was read from; filled by the loader
+
+
+# ------------------------------------------------------------------ the run
+@dataclass(config=_STRICT)
+class PartitionConfig:
+    # Dirichlet concentration of the label skew; smaller means more skewed.
+    alpha: float = Field(2.0, gt=0)
+    min_per_class: int = Field(20, ge=1)
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    name: Literal["ddpm"] = "ddpm"
+    image_size: int = Field(32, ge=8)
+    channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    num_classes: int = Field(2, ge=1)
+
+
+@dataclass(config=_STRICT)
+class TrainingConfig:
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # expected batch size under Poisson sampling
+    lr: float = Field(2e-3, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch"] = "functorch"
+    # Off only for the non-private DDPM baseline; a warning is printed.
+    dp: bool = True
+    threads_per_client: int = Field(1, ge=1)
+
+
+@dataclass(config=_STRICT)
+class FederationConfig:
+    min_train_nodes: int = Field(2, ge=1)
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+    timeout_s: float = Field(3600.0, gt=0)
+
+
+@dataclass(config=_STRICT)
+class SynthesisConfig:
+    num_images: int = Field(1000, ge=1)
+    ddim_steps: int = Field(20, ge=1)
+    batch_size: int = Field(250, ge=1)
+    # Share per class label; None means the pooled label distribution of the sites.
+    class_mix: dict[int, float] | None = None
+
+
+@dataclass(config=_STRICT)
+class ClassifierConfig:
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+
+
+@dataclass(config=_STRICT)
+class FidelityConfig:
+    # "random-convnet": a fixed, seeded MONAI network (offline, documented in
+    # docs/metrics.md). "inception": the standard TorchScript Inception-v3 at
+    # ``inception_path`` (downloaded there first when ``inception_download``).
+    extractor: Literal["random-convnet", "inception"] = "random-convnet"
+    inception_path: str | None = None
+    inception_download: bool = False
+    max_images: int = Field(1000, ge=10)
+    kid_subset_size: int = Field(100, ge=2)
+    msssim_pairs: int = Field(200, ge=2)
+
+
+@dataclass(config=_STRICT)
+class AttackConfig:
+    timesteps: list[int] = field(default_factory=lambda: [50, 100, 200, 300])
+    max_images: int = Field(300, ge=10)
+    reid_quantile: float = Field(0.01, gt=0, lt=0.5)
+
+
+@dataclass(config=_STRICT)
+class FUPWeights:
+    fidelity: float = Field(1.0, ge=0)
+    utility: float = Field(1.0, ge=0)
+    privacy: float = Field(1.0, ge=0)
+
+
+@dataclass(config=_STRICT)
+class EvaluationConfig:
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    fup_weights: FUPWeights = field(default_factory=FUPWeights)
+
+
+@dataclass(config=_STRICT)
+class RunConfig:
+    name: str
+    sites: list[SiteConfig]
+    seed: int = 0
+    output_dir: str = "runs"
+    profile: str = "quick"
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    origin: str = ""
+
+    @property
+    def training_sites(self) -> list[SiteConfig]:
+        return [s for s in self.sites if s.role == "train"]
+
+    @property
+    def external_sites(self) -> list[SiteConfig]:
+        return [s for s in self.sites if s.role == "external"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ loaders
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _validate(cls: type, data: dict[str, Any], path: Path):
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_site(path: str | os.PathLike) -> SiteConfig:
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    data["origin"] = str(path)
+    site = _validate(SiteConfig, data, path)
+    if site.role == "train" and site.privacy is None:
+        raise ConfigError(f"{path}: privacy: a training site needs an (epsilon, delta) budget")
+    return site
+
+
+def load_run(path: str | os.PathLike, profile: str = "quick") -> RunConfig:
+    """Load a simulation YAML, apply ``profiles.<profile>`` and load its sites.
+
+    Site paths are relative to the simulation file.
+    """
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    profiles = data.pop("profiles", {}) or {}
+    if profile != "quick":
+        if profile not in profiles:
+            raise ConfigError(f"{path}: profiles: no profile named {profile!r} (have: {sorted(profiles)})")
+        data = _deep_merge(data, profiles[profile])
+    site_paths = data.get("sites")
+    if not isinstance(site_paths, list) or not site_paths:
+        raise ConfigError(f"{path}: sites: expected a non-empty list of site YAML paths")
+    data["sites"] = [load_site(path.parent / p) for p in site_paths]
+    data["origin"] = str(path)
+    data["profile"] = profile
+    run = _validate(RunConfig, data, path)
+    names = [s.name for s in run.sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: sites: duplicate site names {names}")
+    if not run.training_sites:
+        raise ConfigError(f"{path}: sites: at least one site needs role 'train'")
+    if run.federation.min_train_nodes > len(run.training_sites):
+        raise ConfigError(
+            f"{path}: federation.min_train_nodes={run.federation.min_train_nodes} exceeds "
+            f"the {len(run.training_sites)} training sites"
+        )
+    return run
+
+
+def run_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict()`` output (e.g. a run's saved config.json)."""
+    return _validate(RunConfig, data, Path(data.get("origin") or "<dict>"))

@@ -1,0 +1,58 @@
+"""Seeded splits of a labelled pool across hospitals and within a hospital."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def label_skewed_partition(
+    labels: np.ndarray,
+    shares: list[float],
+    alpha: float,
+    seed: int,
+    min_per_class: int = 1,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Split indices into ``len(shares)`` disjoint parts of unequal size and label mix.
+
+    For each class, its indices are divided by proportions drawn from
+    ``Dirichlet(alpha * K * shares / sum(shares))`` (K = number of sites), so the
+    expected size of part k follows ``shares[k]`` while the label mix varies; a
+    smaller ``alpha`` means stronger skew. Draws are repeated until every part holds
+    at least ``min_per_class`` images of every class.
+    """
+    shares_arr = np.asarray(shares, dtype=float)
+    if (shares_arr <= 0).any():
+        raise ValueError("shares must be positive")
+    conc = alpha * len(shares_arr) * shares_arr / shares_arr.sum()
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in shares_arr]
+        ok = True
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            props = rng.dirichlet(conc)
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                ok &= len(chunk) >= min_per_class
+                parts[k].append(chunk)
+        if ok:
+            return [np.sort(np.concatenate(p)) for p in parts]
+    raise ValueError(
+        f"could not give every site {min_per_class} images per class in {max_tries} draws; "
+        "raise partition.alpha or lower partition.min_per_class"
+    )
+
+
+def holdout_split(n: int, holdout_fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded disjoint (train, held-out) index split, stratified by label when given."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    train, hold = [], []
+    for g in groups:
+        g = rng.permutation(g)
+        k = int(round(len(g) * holdout_fraction))
+        hold.append(g[:k])
+        train.append(g[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(hold))

@@ -1,0 +1,82 @@
+"""A hospital's local dataset, built the same way on the client and in evaluation.
+
+Training sites share the pooled official train+val images by a seeded,
+label-skewed partition; an external site reads its own splits (the official
+test split in the demo). Every site then applies its acquisition profile and
+splits 70/30 into generator-training and held-out images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig, SiteConfig
+from .acquisition import apply_profile
+from .medmnist import DataError, load_splits, locate
+from .partition import holdout_split, label_skewed_partition
+
+
+@dataclass
+class SiteData:
+    """Images are float32 (N, 1, S, S) in [0, 1]; labels int64 (N,)."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    holdout_x: torch.Tensor
+    holdout_y: torch.Tensor
+
+    def label_counts(self, num_classes: int) -> list[int]:
+        y = torch.cat([self.train_y, self.holdout_y])
+        return torch.bincount(y, minlength=num_classes).tolist()
+
+
+def to_model_space(images_u8: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, size, size) in [0, 1], bilinear resize."""
+    x = torch.from_numpy(images_u8.astype(np.float32) / 255.0)[:, None]
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x
+
+
+@lru_cache(maxsize=8)
+def _read(path: str, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return load_splits(Path(path), list(splits))
+
+
+def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of ``site`` in its source arrays; returns (all images, labels, own indices)."""
+    x, y = _read(str(locate(site.source)), tuple(site.source.splits))
+    if site.role == "external":
+        return x, y, np.arange(len(y))
+    train_sites = run.training_sites
+    sources = {(str(locate(s.source)), tuple(s.source.splits)) for s in train_sites}
+    if len(sources) != 1:
+        raise DataError(
+            f"{site.origin}: training sites drawn by partition must share one source; got {sorted(sources)}"
+        )
+    parts = label_skewed_partition(
+        y,
+        shares=[s.share for s in train_sites],
+        alpha=run.partition.alpha,
+        seed=run.seed,
+        min_per_class=run.partition.min_per_class,
+    )
+    k = [s.name for s in train_sites].index(site.name)
+    return x, y, parts[k]
+
+
+def load_site(run: RunConfig, site: SiteConfig) -> SiteData:
+    x, y, idx = site_indices(run, site)
+    images = apply_profile(to_model_space(x[idx], run.model.image_size), site.acquisition)
+    labels = torch.from_numpy(y[idx])
+    # Each site's split seed mixes the run seed with the site name: seeded, site-specific.
+    split_seed = run.seed * 1_000_003 + sum(map(ord, site.name))
+    tr, ho = holdout_split(len(labels), site.holdout_fraction, split_seed, labels.numpy())
+    return SiteData(site.name, images[tr], labels[tr], images[ho], labels[ho])

@@ -1,0 +1,1 @@
+"""Metrics on real images: fidelity, utility, privacy attacks and the FUP composite."""

@@ -1,0 +1,92 @@
+"""Write ``report.json`` (every figure, machine-readable) and ``report.html`` (for people)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+from ..runtime import write_json
+from .figures import image_grid, line_plot
+
+
+def write_reports(report: dict, previews: dict, history: dict, run_dir: Path) -> tuple[Path, Path]:
+    write_json(run_dir / "report.json", report)
+    path = run_dir / "report.html"
+    path.write_text(render_html(report, previews, history))
+    return run_dir / "report.json", path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _per_site_series(entries: list[dict], key: str) -> dict[str, tuple[list[float], list[float]]]:
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for e in entries:
+        if key in e:
+            xs, ys = series.setdefault(e["site"], ([], []))
+            xs.append(e["round"])
+            ys.append(e[key])
+    return series
+
+
+def render_html(report: dict, previews: dict, history: dict) -> str:
+    h, fid, util, priv, fup = (report[k] for k in ("headline", "fidelity", "utility", "privacy", "fup"))
+    grids = "".join(
+        f"<div class='pair'><img src='{image_grid(previews['real'][c], f'real, class {c}')}'>"
+        f"<img src='{image_grid(previews['synthetic'][c], f'synthetic, class {c}')}'></div>"
+        for c in sorted(previews["real"])
+    )
+    loss = line_plot(
+        {**{f"{s} train": v for s, v in _per_site_series(history["train"], "train-loss").items()},
+         **{f"{s} held-out": v for s, v in _per_site_series(history["evaluate"], "heldout-loss").items()}},
+        "Denoising loss per round", "round", "loss",
+    )
+    budgets = {f"{s} budget": p["epsilon_budget"] for s, p in priv["sites"].items()}
+    eps = line_plot(_per_site_series(history["train"], "epsilon"), "ε spent per round per site", "round", "ε", budgets)
+
+    headline_rows = [{"figure": k, "value": v if not isinstance(v, dict) else ", ".join(f"{s}: {e:.3g}" for s, e in v.items())} for k, v in h.items()]
+    util_rows = []
+    for name, s in util["sites"].items():
+        for way in ("real_only", "hybrid"):
+            r = s[way]
+            ext = next(iter(r["external"].values()), {})
+            util_rows.append({"model": f"{name}: {way}", "train images": r["train_images"], **{f"int {k}": v for k, v in r["internal"].items()}, **{f"ext {k}": v for k, v in ext.items()}})
+    for way in ("synthetic_only", "pooled_real"):
+        r = util[way]
+        ext = next(iter(r["external"].values()), {})
+        util_rows.append({"model": way, "train images": r["train_images"], **{f"int {k}": v for k, v in r["internal"].items()}, **{f"ext {k}": v for k, v in ext.items()}})
+    ucols = ["model", "train images"] + [f"{p} {m}" for p in ("int", "ext") for m in ("auc", "accuracy", "sensitivity", "specificity")]
+    priv_rows = [{"site": s, **p} for s, p in priv["sites"].items()]
+    pcols = ["site", "epsilon", "epsilon_budget", "delta", "rounds_trained", "mi_auc", "mi_tpr_at_1pct_fpr", "nn_distance_to_train_median", "nn_distance_to_holdout_median", "reid_rate"]
+    fid_rows = [{"against": "pooled held-out (all training sites)", "fid": fid["fid"], "kid": fid["kid"]},
+                {"against": "real train vs held-out (reference)", "fid": fid["fid_real_reference"], "kid": fid["kid_real_reference"]}]
+    fid_rows += [{"against": f"site {s}", **v} for s, v in fid["sites"].items()]
+    run = report["run"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>fedsynth report: {html.escape(run['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}.pair img{{margin-right:1em}}</style></head><body>
+<h1>fedsynth report: {html.escape(run['name'])}</h1>
+<p>Profile <b>{html.escape(run['profile'])}</b>, seed {run['seed']}, {run['rounds']} rounds, wall time {run['wall_time_s']:.0f} s. Config and versions are in report.json.</p>
+<h2>Headline</h2>{_table(headline_rows, ['figure', 'value'])}
+<h2>FUP score: {fup['fup']:.1f} / 100</h2>
+{_table([fup], ['fidelity', 'utility', 'privacy', 'fup'])}<p>Definitions: docs/metrics.md.</p>
+<h2>Samples: real (held-out) vs synthetic, per class</h2>{grids}
+<h2>Training</h2><img src="{loss}"><img src="{eps}">
+<h2>Fidelity</h2><p>Extractor: {html.escape(fid['extractor']['name'])}, {fid['num_images']} images per side.
+MS-SSIM within class (lower = more diverse): synthetic {fid['msssim_synthetic']:.3f}, real {fid['msssim_real']:.3f}.</p>
+{_table(fid_rows, ['against', 'fid', 'kid'])}
+<h2>Utility (downstream classifier)</h2>
+<p>Mean AUC gain of hybrid over real-only: internal {util['auc_gain_internal']:+.4f}, external {util['auc_gain_external']:+.4f}.</p>
+{_table(util_rows, ucols)}
+<h2>Privacy</h2>{_table(priv_rows, pcols)}
+</body></html>"""
