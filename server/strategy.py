@@ -7,13 +7,21 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from common.runtime import write_json
 
 from .ledger import ServerLedger
+
+
+def mean_train_loss(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Example-weighted mean of ``train-loss``; per-site ε is kept in the ledger, not averaged."""
+    metrics = [next(iter(r.metric_records.values())) for r in replies]
+    total = sum(float(m[weighted_by_key]) for m in metrics)
+    loss = sum(float(m["train-loss"]) * float(m[weighted_by_key]) for m in metrics) / max(total, 1e-12)
+    return MetricRecord({"train-loss": loss, weighted_by_key: total})
 
 
 class LedgerFedAvg(FedAvg):
@@ -26,6 +34,7 @@ class LedgerFedAvg(FedAvg):
     """
 
     def __init__(self, run_dir: Path, ledger: ServerLedger, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", mean_train_loss)
         super().__init__(**kwargs)
         self.run_dir = run_dir
         self.ledger = ledger

@@ -56,8 +56,10 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
     f_hold = extract(net, _subsample(pooled_hold_x, pooled_hold_y, n, run.seed)[0])
     f_syn = extract(net, _subsample(syn_x, syn_y, n, run.seed)[0])
     f_train = extract(net, _subsample(pooled_train_x, pooled_train_y, n, run.seed)[0])
+    noise = torch.rand((n, 1, run.model.image_size, run.model.image_size), generator=torch.Generator().manual_seed(run.seed))
     vs_syn = fid_kid(f_hold, f_syn, ev.fidelity.kid_subset_size)
     reference = fid_kid(f_hold, f_train, ev.fidelity.kid_subset_size)
+    null = fid_kid(f_hold, extract(net, noise), ev.fidelity.kid_subset_size)
     fidelity = {
         "extractor": extractor,
         "num_images": n,
@@ -66,6 +68,7 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
         "kid_std": vs_syn["kid_std"],
         "fid_real_reference": reference["fid"],
         "kid_real_reference": reference["kid"],
+        "fid_noise_reference": null["fid"],
         "msssim_synthetic": msssim_diversity(syn_x, syn_y, ev.fidelity.msssim_pairs, run.seed),
         "msssim_real": msssim_diversity(pooled_hold_x, pooled_hold_y, ev.fidelity.msssim_pairs, run.seed),
         "sites": {},
@@ -137,7 +140,7 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
     # ----------------------------------------------------------------- FUP
     syn_aucs = [utility["synthetic_only"]["internal"]["auc"]] + [v["auc"] for v in utility["synthetic_only"]["external"].values()]
     real_aucs = [utility["pooled_real"]["internal"]["auc"]] + [v["auc"] for v in utility["pooled_real"]["external"].values()]
-    f = fidelity_score(fidelity["fid"], fidelity["fid_real_reference"])
+    f = fidelity_score(fidelity["fid"], fidelity["fid_real_reference"], fidelity["fid_noise_reference"])
     u = utility_score(syn_aucs, real_aucs)
     p = privacy_score(privacy["mi_auc_max"], privacy["reid_rate_max"], ev.attack.reid_quantile)
     fup = {"fidelity": f, "utility": u, "privacy": p, "fup": fup_score(f, u, p, ev.fup_weights), "weights": vars(ev.fup_weights)}

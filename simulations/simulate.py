@@ -42,6 +42,8 @@ def run_federation(run: RunConfig, run_dir: Path) -> None:
     # Flower would otherwise install the app's dependencies (a CUDA torch) at run time.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Opacus calls logging.basicConfig() on import; keep Flower's lines from printing twice.
+    logging.getLogger("flwr").propagate = False
     fed = run.federation
     backend_config = {
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},

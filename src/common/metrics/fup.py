@@ -3,10 +3,10 @@
 Each pillar is scaled to 0-100 against a reference measured in the same run,
 so the score does not depend on the feature extractor's units:
 
-* Fidelity  F = 100 * FID_ref / max(FID_syn, FID_ref), where FID_ref is the FID
-  between real training and real held-out images of the same count (the real
-  data's own noise floor). F = 100 when synthetic images are as close to the
-  held-out images as other real images are.
+* Fidelity  F = 100 * clip(log(FID_null / FID_syn) / log(FID_null / FID_ref), 0, 1):
+  where the synthetic FID falls, on a log scale, between FID_ref (real training vs
+  real held-out images of the same count: the real data's own floor, F = 100) and
+  FID_null (uniform-noise images: a generator that learned nothing, F = 0).
 * Utility   U = 100 * clip((AUC_syn - 0.5) / (AUC_real - 0.5), 0, 1), averaged over
   internal and external test sets, where AUC_syn is a classifier trained on
   synthetic data only and AUC_real one trained on pooled real data (the
@@ -21,6 +21,9 @@ FUP = (w_F F + w_U U + w_P P) / (w_F + w_U + w_P).
 
 from __future__ import annotations
 
+import math
+import warnings
+
 from ..config import FUPWeights
 
 
@@ -28,8 +31,16 @@ def _clip01(v: float) -> float:
     return max(0.0, min(1.0, v))
 
 
-def fidelity_score(fid_synthetic: float, fid_reference: float) -> float:
-    return 100.0 * fid_reference / max(fid_synthetic, fid_reference, 1e-12)
+def fidelity_score(fid_synthetic: float, fid_reference: float, fid_null: float) -> float:
+    if fid_null <= fid_reference:
+        warnings.warn(
+            f"FID of noise ({fid_null:.4g}) is not above the real reference ({fid_reference:.4g}): "
+            "too few images for this extractor to tell; fidelity scored 0",
+            RuntimeWarning,
+        )
+        return 0.0
+    span = math.log(fid_null / fid_reference)
+    return 100.0 * _clip01(math.log(fid_null / max(fid_synthetic, 1e-12)) / span)
 
 
 def utility_score(auc_synthetic: list[float], auc_real: list[float]) -> float:

@@ -69,7 +69,8 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
     priv_rows = [{"site": s, **p} for s, p in priv["sites"].items()]
     pcols = ["site", "epsilon", "epsilon_budget", "delta", "rounds_trained", "mi_auc", "mi_tpr_at_1pct_fpr", "nn_distance_to_train_median", "nn_distance_to_holdout_median", "reid_rate"]
     fid_rows = [{"against": "pooled held-out (all training sites)", "fid": fid["fid"], "kid": fid["kid"]},
-                {"against": "real train vs held-out (reference)", "fid": fid["fid_real_reference"], "kid": fid["kid_real_reference"]}]
+                {"against": "real train vs held-out (reference, FUP fidelity 100)", "fid": fid["fid_real_reference"], "kid": fid["kid_real_reference"]},
+                {"against": "uniform noise (reference, FUP fidelity 0)", "fid": fid["fid_noise_reference"]}]
     fid_rows += [{"against": f"site {s}", **v} for s, v in fid["sites"].items()]
     run = report["run"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fedsynth report: {html.escape(run['name'])}</title>

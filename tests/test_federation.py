@@ -1,0 +1,97 @@
+"""The ClientApp and the strategy, driven with real Flower Messages (no engine)."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.checks import CheckFailed, check_weights
+from client.client_app import make_client_app
+from common.models import build_unet
+from server.ledger import ServerLedger
+from server.strategy import LedgerFedAvg
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages built outside a running Flower process need a task identity."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def reply(site: str, weights: dict, n: int, declined: bool = False, eps: float = 1.0) -> Message:
+    metrics = {"num-examples": float(n), "train-loss": 0.5, "epsilon": eps, "epsilon-budget": 8.0, "delta": 1e-5,
+               "label-count-0": 3.0, "label-count-1": 4.0, "declined": float(declined)}
+    content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": site, "reason": "budget spent" if declined else ""})}
+    if not declined:
+        content["arrays"] = ArrayRecord(weights)
+    return Message(content=RecordDict(content), dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_fedavg_weights_by_examples_skips_declined_sites_and_checkpoints(tmp_path):
+    ledger = ServerLedger(tmp_path / "ledger.json")
+    strategy = LedgerFedAvg(tmp_path, ledger, min_train_nodes=1, min_available_nodes=1)
+    a = {"w": torch.zeros(3), "b": torch.ones(2)}
+    b = {"w": torch.full((3,), 4.0), "b": torch.full((2,), 3.0)}
+    c = {"w": torch.full((3,), 100.0), "b": torch.full((2,), 100.0)}
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply("a", a, 300), reply("b", b, 100), reply("c", c, 999, declined=True, eps=8.0)]
+    )
+    avg = arrays.to_torch_state_dict()
+    assert torch.allclose(avg["w"], torch.full((3,), 1.0))  # (0*300 + 4*100) / 400
+    assert torch.allclose(avg["b"], torch.full((2,), 1.5))
+    assert metrics["num-examples"] == 400
+    summary = ledger.summary()
+    assert summary["c"]["declined_rounds"] == [1] and summary["c"]["history"][0]["reason"] == "budget spent"
+    assert summary["a"]["rounds_trained"] == 1 and summary["a"]["epsilon"] == 1.0
+    saved = torch.load(tmp_path / "checkpoints" / "round_0001.pt")
+    assert saved["round"] == 1 and torch.equal(saved["weights"]["w"], avg["w"])
+
+
+def test_all_sites_declining_keeps_the_previous_model(tmp_path):
+    strategy = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "l.json"), min_train_nodes=1, min_available_nodes=1)
+    arrays, _ = strategy.aggregate_train(2, [reply("a", {}, 10, declined=True)])
+    assert arrays is None and not (tmp_path / "checkpoints").exists()
+
+
+def test_client_rejects_malformed_global_weights(tiny_run):
+    good = build_unet(tiny_run.model).state_dict()
+    bad_shape = {**good, next(iter(good)): torch.zeros(1)}
+    with pytest.raises(CheckFailed, match="expected"):
+        check_weights(bad_shape, good, "test")
+    key = next(k for k, v in good.items() if v.is_floating_point())
+    with pytest.raises(CheckFailed, match="NaN"):
+        check_weights({**good, key: torch.full_like(good[key], float("nan"))}, good, "test")
+    with pytest.raises(CheckFailed, match="missing"):
+        check_weights({k: v for k, v in good.items() if k != key}, good, "test")
+
+
+def _train_message(tiny_run, run_dir, server_round: int) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord(build_unet(tiny_run.model).state_dict()),
+        "config": ConfigRecord({"server-round": server_round, "run-dir": str(run_dir)}),
+    })
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_clientapp_trains_then_declines_with_a_reason_and_sends_no_pixels(tiny_run, tmp_path):
+    app = make_client_app(lambda _ctx: tiny_run)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
+    for r in range(1, tiny_run.training.rounds + 1):
+        out = app(_train_message(tiny_run, tmp_path, r), ctx)
+        assert not out.has_error(), out.error
+        assert out.content["metrics"]["declined"] == 0
+    # Only model weights and scalars leave: every array is a model parameter.
+    assert set(out.content["arrays"].keys()) == set(build_unet(tiny_run.model).state_dict().keys())
+    assert out.content["site"]["site"] == "hospital_c"
+    eps = out.content["metrics"]["epsilon"]
+    assert 0 < eps <= tiny_run.training_sites[1].privacy.epsilon
+
+    out = app(_train_message(tiny_run, tmp_path, 99), ctx)
+    assert out.content["metrics"]["declined"] == 1
+    assert "budget" in out.content["site"]["reason"]
+    assert "arrays" not in out.content
+    assert out.content["metrics"]["epsilon"] == pytest.approx(eps)

@@ -1,0 +1,71 @@
+"""End to end: a real Flower simulation (2 sites, 2 rounds, a few DP steps) to both reports."""
+
+import json
+import math
+
+import pytest
+
+from simulations.simulate import simulate
+
+from .conftest import TINY
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def finished_run(shared_data, tmp_path_factory):
+    run_dir = simulate(str(TINY), output_dir=str(tmp_path_factory.mktemp("runs")))
+    return run_dir, json.loads((run_dir / "report.json").read_text())
+
+
+def test_every_report_figure_exists_and_is_finite(finished_run):
+    _, report = finished_run
+    h = report["headline"]
+    for key in ("fid", "kid", "auc_gain_internal", "auc_gain_external", "mi_auc_max", "reid_rate_max", "fup"):
+        assert math.isfinite(h[key]), key
+    for block in ("fidelity", "utility", "privacy", "fup", "headline"):
+        for path, value in _numbers(report[block], block):
+            assert math.isfinite(value), path
+    sites = report["privacy"]["sites"]
+    assert set(sites) == {"hospital_a", "hospital_c"}
+    for s in sites.values():
+        for key in ("mi_auc", "mi_tpr_at_1pct_fpr", "nn_distance_to_train_median", "nn_distance_to_holdout_median", "reid_rate"):
+            assert key in s
+    u = report["utility"]
+    for way in ("synthetic_only", "pooled_real"):
+        assert set(u[way]["external"]) == {"external_d"}
+    for s in u["sites"].values():
+        for way in ("real_only", "hybrid"):
+            assert set(s[way]["internal"]) == {"auc", "accuracy", "sensitivity", "specificity"}
+    assert 0 <= report["fup"]["fup"] <= 100
+
+
+def test_no_site_exceeds_its_budget(finished_run):
+    _, report = finished_run
+    budgets = {"hospital_a": 8.0, "hospital_c": 5.0}
+    for name, s in report["privacy"]["sites"].items():
+        assert 0 < s["epsilon"] <= budgets[name]
+        assert s["rounds_trained"] == 2
+
+
+def test_release_has_manifest_config_versions_and_html(finished_run):
+    run_dir, report = finished_run
+    manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
+    assert manifest["num_images"] == 120 and sum(manifest["class_counts"]) == 120
+    assert set(manifest["sites"]) == {"hospital_a", "hospital_c"} and manifest["rounds"] == 2
+    assert len(manifest["model_sha256"]) == 64 and "torch" in manifest["versions"]
+    assert report["run"]["config"]["seed"] == 7 and "flwr" in report["run"]["versions"]
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 6  # 2 classes x (real, synthetic) + 2 plots
+    assert (run_dir / "checkpoints" / "round_0002.pt").exists()
