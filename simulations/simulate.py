@@ -72,7 +72,7 @@ def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None)
             "seed": run.seed,
             "rounds": run.training.rounds,
             "run_dir": str(run_dir),
-            "wall_time_s": time.time() - wall_start if wall_start else float("nan"),
+            "wall_time_s": time.time() - wall_start if wall_start else None,  # None: evaluation only
             "config": run.to_dict(),
             "versions": versions(),
         },

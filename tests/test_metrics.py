@@ -88,3 +88,31 @@ def test_fup_pillars_known_answers():
     assert privacy_score(0.55, 0.5, 0.0) == pytest.approx(50)
     assert fup_score(90, 60, 30, FUPWeights()) == pytest.approx(60)
     assert fup_score(90, 60, 30, FUPWeights(fidelity=0, utility=0, privacy=2)) == pytest.approx(30)
+
+
+class _FakeInception(torch.nn.Module):
+    """Same call signature as inception-2015-12-05.pt: uint8 NCHW in, 2048-d features out."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        return x.float().mean(dim=(1, 2, 3), keepdim=False)[:, None].repeat(1, 2048)
+
+
+def test_inception_extractor_loads_torchscript_from_a_local_path(tmp_path):
+    from common.config import FidelityConfig
+    from common.metrics.fidelity import build_extractor
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_FakeInception()).save(str(path))
+    net, info = build_extractor(FidelityConfig(extractor="inception", inception_path=str(path)))
+    feats = extract(net, torch.full((3, 1, 32, 32), 0.5))
+    assert feats.shape == (3, 2048) and info["dims"] == 2048
+    assert torch.allclose(feats, torch.full_like(feats, 128.0))
+
+
+def test_inception_extractor_missing_weights_is_a_clear_error(tmp_path):
+    from common.config import FidelityConfig
+    from common.metrics.fidelity import build_extractor
+
+    with pytest.raises(FileNotFoundError, match="inception_path"):
+        build_extractor(FidelityConfig(extractor="inception", inception_path=str(tmp_path / "none.pt")))

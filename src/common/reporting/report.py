@@ -18,6 +18,8 @@ def write_reports(report: dict, previews: dict, history: dict, run_dir: Path) ->
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return html.escape(str(v))
@@ -77,7 +79,7 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}.pair img{{margin-right:1em}}</style></head><body>
 <h1>fedsynth report: {html.escape(run['name'])}</h1>
-<p>Profile <b>{html.escape(run['profile'])}</b>, seed {run['seed']}, {run['rounds']} rounds, wall time {run['wall_time_s']:.0f} s. Config and versions are in report.json.</p>
+<p>Profile <b>{html.escape(run['profile'])}</b>, seed {run['seed']}, {run['rounds']} rounds, wall time {_fmt(run['wall_time_s'])} s. Config and versions are in report.json.</p>
 <h2>Headline</h2>{_table(headline_rows, ['figure', 'value'])}
 <h2>FUP score: {fup['fup']:.1f} / 100</h2>
 {_table([fup], ['fidelity', 'utility', 'privacy', 'fup'])}<p>Definitions: docs/metrics.md.</p>
