@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def to_data_uri(fig) -> str:
@@ -35,6 +36,7 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, xl
     fig, ax = plt.subplots(figsize=(5, 3))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for label, y in (hline or {}).items():
         ax.axhline(y, linestyle="--", linewidth=0.8, color="grey")
         ax.text(ax.get_xlim()[0], y, f" {label}", fontsize=7, va="bottom", color="grey")
