@@ -39,7 +39,7 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_co
     data_path = out_dir / "synthetic.npz"
     np.savez_compressed(
         data_path,
-        images=(images[:, 0].numpy() * 255).round().astype(np.uint8),
+        images=(images.numpy() * 255).round().astype(np.uint8),  # (N, C, S, S)
         labels=labels.numpy().astype(np.int64),
     )
     manifest = {
@@ -59,6 +59,6 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_co
 
 def load_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with np.load(path) as npz:
-        x = torch.from_numpy(npz["images"].astype(np.float32) / 255.0)[:, None]
+        x = torch.from_numpy(npz["images"].astype(np.float32) / 255.0)
         y = torch.from_numpy(npz["labels"])
     return x, y

@@ -29,6 +29,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {run_dir / 'report.json'} and {run_dir / 'report.html'}")
 
 
+def _ingest(args: argparse.Namespace) -> None:
+    from common.config import load_site, site_state_dir
+    from common.data.ingest import ingest_site
+
+    site = load_site(args.site)
+    if site.source.kind == "medmnist":
+        raise ConfigError(f"{site.origin}: source.kind is medmnist; nothing to ingest")
+    s = ingest_site(site, args.image_size).summary
+    print(f"site {s['site']}: {s['scans']} scans -> {s['slices']} slices from {s['patients']} patients in {s['seconds']:.1f} s "
+          f"({s['reused_from_cache']} scans from cache)")
+    print("images per label: " + ", ".join(f"{k}: {v}" for k, v in s["images_per_label"].items()))
+    spp = s["slices_per_patient"]
+    print(f"slices per patient: min {spp['min']}, median {spp['median']:g}, max {spp['max']}")
+    print(f"quarantined: {s['quarantined']}" + "".join(f"\n  {r}: {n}" for r, n in s["quarantine_reasons"].items()))
+    print(f"details: {site_state_dir(site) / 'quarantine.json'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsynth", description="Federated, privacy-preserving synthesis of medical images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="(re)score a finished run folder, e.g. one made by `flwr run .`")
     p.add_argument("run_dir")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("ingest", help="turn a site's DICOM / NIfTI / image folder into cached, de-identified slices")
+    p.add_argument("site", help="site YAML, e.g. sites/hospital_e.yaml")
+    p.add_argument("--image-size", type=int, default=32, help="model image size (default 32)")
+    p.set_defaults(func=_ingest)
 
     args = parser.parse_args(argv)
     try:

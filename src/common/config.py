@@ -28,16 +28,40 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------- sites
 @dataclass(config=_STRICT)
-class SourceConfig:
-    """Where a site's images come from."""
+class PreprocessConfig:
+    """How hospital scans become model-ready 2D images (see docs/ingestion.md)."""
 
-    kind: Literal["medmnist"] = "medmnist"
+    # Output spacing in mm (x, y[, z]); None keeps the scan's own spacing.
+    spacing: list[float] | None = None
+    orientation: str = "LPS"  # every scan is reoriented to this frame first
+    ct_window: list[float] = field(default_factory=lambda: [40.0, 400.0])  # HU centre, width
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # MRI / X-ray clip
+    # A 3D slice is kept when this share of it is foreground (or it holds mask voxels).
+    min_foreground: float = Field(0.1, ge=0, le=1)
+    # Foreground = above min + foreground_level * (max - min) of the normalised volume.
+    foreground_level: float = Field(0.1, ge=0, le=1)
+
+
+@dataclass(config=_STRICT)
+class SourceConfig:
+    """Where a site's images come from. Relative paths are relative to the site YAML."""
+
+    kind: Literal["medmnist", "dicom", "nifti", "images"] = "medmnist"
     dataset: str = "pneumoniamnist"
-    # Explicit file; else $FEDSYNTH_DATA_DIR/medmnist/<dataset>.npz; else download.
+    # medmnist: explicit file; else $FEDSYNTH_DATA_DIR/medmnist/<dataset>.npz; else download.
     path: str | None = None
     splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["train", "val"])
     download: bool = False
     cache_dir: str = "~/.cache/fedsynth"
+    # dicom / nifti / images: a folder of scans and a CSV with a ``path`` (or channel) column and ``label``.
+    root: str | None = None
+    labels_csv: str | None = None
+    modality: Literal["xray", "ct", "mri"] = "xray"
+    # CSV columns holding one image file each, stacked as channels (multi-contrast MRI).
+    channels: list[str] = field(default_factory=lambda: ["path"])
+    mask_column: str | None = None
+    patient_column: str | None = None  # nifti/images: who the scan belongs to (pseudonymised)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 @dataclass(config=_STRICT)
@@ -86,6 +110,7 @@ class PartitionConfig:
 class ModelConfig:
     name: Literal["ddpm"] = "ddpm"
     image_size: int = Field(32, ge=8)
+    in_channels: int = Field(1, ge=1)  # > 1 for stacked multi-contrast MRI
     channels: list[int] = field(default_factory=lambda: [16, 32, 32])
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
@@ -194,6 +219,19 @@ class RunConfig:
         return asdict(self)
 
 
+def site_path(site: SiteConfig, path: str) -> Path:
+    """Resolve a path from a site YAML: ``~`` expanded, relative to the YAML's folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or not site.origin else Path(site.origin).parent / p
+
+
+def site_state_dir(site: SiteConfig) -> Path:
+    """Where a site keeps its own persistent files (pseudonym key, ingestion cache)."""
+    if site.state_dir:
+        return site_path(site, site.state_dir)
+    return Path(site.source.cache_dir).expanduser() / "sites" / site.name
+
+
 # ------------------------------------------------------------------ loaders
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -232,6 +270,8 @@ def load_site(path: str | os.PathLike) -> SiteConfig:
     site = _validate(SiteConfig, data, path)
     if site.role == "train" and site.privacy is None:
         raise ConfigError(f"{path}: privacy: a training site needs an (epsilon, delta) budget")
+    if site.source.kind != "medmnist" and not (site.source.root and site.source.labels_csv):
+        raise ConfigError(f"{path}: source: kind {site.source.kind!r} needs both root and labels_csv")
     return site
 
 

@@ -55,7 +55,8 @@ def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarr
     x, y = _read(str(locate(site.source)), tuple(site.source.splits))
     if site.role == "external":
         return x, y, np.arange(len(y))
-    train_sites = run.training_sites
+    # Only the training sites that draw from the shared MedMNIST pool are partitioned.
+    train_sites = [s for s in run.training_sites if s.source.kind == "medmnist"]
     sources = {(str(locate(s.source)), tuple(s.source.splits)) for s in train_sites}
     if len(sources) != 1:
         raise DataError(
@@ -73,10 +74,42 @@ def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarr
 
 
 def load_site(run: RunConfig, site: SiteConfig) -> SiteData:
+    if site.source.kind != "medmnist":
+        return _load_ingested(run, site)
     x, y, idx = site_indices(run, site)
     images = apply_profile(to_model_space(x[idx], run.model.image_size), site.acquisition)
     labels = torch.from_numpy(y[idx])
     # Each site's split seed mixes the run seed with the site name: seeded, site-specific.
-    split_seed = run.seed * 1_000_003 + sum(map(ord, site.name))
-    tr, ho = holdout_split(len(labels), site.holdout_fraction, split_seed, labels.numpy())
+    tr, ho = holdout_split(len(labels), site.holdout_fraction, _split_seed(run, site), labels.numpy())
     return SiteData(site.name, images[tr], labels[tr], images[ho], labels[ho])
+
+
+def _split_seed(run: RunConfig, site: SiteConfig) -> int:
+    return run.seed * 1_000_003 + sum(map(ord, site.name))
+
+
+def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
+    """A DICOM / NIfTI / image-folder site, split 70/30 by patient, never by slice."""
+    from .ingest import ingest_site
+
+    res = ingest_site(site, run.model.image_size, progress=False)
+    if res.images.shape[1] != run.model.in_channels:
+        raise DataError(f"{site.origin}: {res.images.shape[1]} channels per image, but model.in_channels is {run.model.in_channels}")
+    images = apply_profile(torch.from_numpy(res.images), site.acquisition)
+    labels = torch.from_numpy(res.labels)
+    ho = patient_holdout(res.patients, res.labels, site.holdout_fraction, _split_seed(run, site), site.name)
+    tr_idx, ho_idx = torch.from_numpy(np.flatnonzero(~ho)), torch.from_numpy(np.flatnonzero(ho))
+    return SiteData(site.name, images[tr_idx], labels[tr_idx], images[ho_idx], labels[ho_idx])
+
+
+def patient_holdout(patients: list[str], labels: np.ndarray, fraction: float, seed: int, site: str = "") -> np.ndarray:
+    """Boolean held-out mask per slice: whole patients go to one side, stratified by label."""
+    ids = sorted(set(patients))
+    first = {p: int(l) for p, l in zip(reversed(patients), reversed(labels.tolist()))}
+    p_labels = np.array([first[p] for p in ids])
+    strat = p_labels if np.bincount(p_labels).min() >= 2 else None
+    tr, ho = holdout_split(len(ids), fraction, seed, strat)
+    if len(tr) == 0 or len(ho) == 0:
+        raise DataError(f"site {site}: {len(ids)} patient(s) cannot be split {1 - fraction:.0%}/{fraction:.0%} by patient")
+    held = {ids[i] for i in ho}
+    return np.array([p in held for p in patients])

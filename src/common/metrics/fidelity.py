@@ -48,7 +48,7 @@ class RandomConvNetFeatures(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        x = x01 * 2 - 1
+        x = x01.mean(dim=1, keepdim=True) * 2 - 1  # multi-contrast: scored on the channel mean
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -65,9 +65,7 @@ class InceptionFeatures(nn.Module):
         self.num_features = 2048
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        x = (x01.clamp(0, 1) * 255).round().to(torch.uint8)
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
+        x = (x01.mean(dim=1, keepdim=True).clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
         return self.net(x, return_features=True)
 
 

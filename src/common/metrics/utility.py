@@ -16,7 +16,7 @@ def train_classifier(
 ) -> torch.nn.Module:
     """Class-weighted cross-entropy, Adam, ``cfg.epochs`` epochs."""
     seed_everything(seed)
-    model = build_classifier(cfg, image_size, num_classes).to(device)
+    model = build_classifier(cfg, image_size, num_classes, in_channels=x.shape[1]).to(device)
     counts = torch.bincount(y, minlength=num_classes).float().clamp(min=1)
     loss_fn = torch.nn.CrossEntropyLoss(weight=(counts.sum() / (num_classes * counts)).to(device))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -24,8 +24,8 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
     # No attention: it is slow on CPU at 32x32 and its per-sample gradients are costly under DP.
     return DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
         channels=tuple(cfg.channels),
         attention_levels=(False,) * len(cfg.channels),
         num_res_blocks=cfg.num_res_blocks,
@@ -87,9 +87,9 @@ def sample(
     batches = range(0, len(labels), batch_size)
     for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
         y = labels[start : start + batch_size].to(device)
-        x = torch.randn((len(y), 1, cfg.image_size, cfg.image_size), generator=gen).to(device)
+        x = torch.randn((len(y), cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen).to(device)
         for t in scheduler.timesteps:
             eps = model(x, timesteps=torch.full((len(y),), int(t), device=device, dtype=torch.long), class_labels=y)
             x, _ = scheduler.step(eps, int(t), x)
         out.append(to_unit_range(x).cpu())
-    return torch.cat(out) if out else torch.empty(0, 1, cfg.image_size, cfg.image_size)
+    return torch.cat(out) if out else torch.empty(0, cfg.in_channels, cfg.image_size, cfg.image_size)
