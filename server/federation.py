@@ -46,6 +46,9 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
         train_config=ConfigRecord({"run-dir": str(run_dir)}),
         evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
     )
+    if len(result.arrays) == 0:
+        declined = {s: p["declined_rounds"] for s, p in ledger.summary().items()}
+        raise RuntimeError(f"no round produced a model (sites declined: {declined}); nothing to release")
     weights = result.arrays.to_torch_state_dict()
     torch.save(weights, run_dir / "global_model.pt")
 
