@@ -1,6 +1,7 @@
 """One federated round of local DP-SGD training on a hospital's own images.
 
-Opacus' :class:`~opacus.PrivacyEngine` wraps the model, optimizer and loader
+Works for any generator (:mod:`common.models.generators`): Opacus'
+:class:`~opacus.PrivacyEngine` wraps its private module, optimizer and loader
 (Poisson sampling, per-sample clipping, Gaussian noise); the loop itself is an
 ordinary PyTorch loop. The site's :class:`~common.privacy.PrivacyLedger` is the
 engine's accountant, so every optimizer step is accounted and persisted.
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig, SiteConfig
 from common.data import SiteData
-from common.models import build_unet, noise_prediction_loss, train_scheduler
+from common.models.generators import build_generator
 from common.privacy import PrivacyLedger, calibrate
 from common.runtime import seed_everything
 
@@ -54,11 +55,12 @@ def train_round(
     torch.set_num_threads(cfg.threads_per_client)
     seed_everything(run.seed + 10_007 * server_round + sum(map(ord, site.name)))
 
-    model = build_unet(run.model)
-    check_weights(global_weights, model.state_dict(), f"round {server_round} global model")
-    model.load_state_dict(global_weights)
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = build_generator(run.model)
+    check_weights(global_weights, gen.state_dict(), f"round {server_round} global model")
+    gen.load_state_dict(global_weights)
+    gen.to(device).train()
+    optimizers = gen.optimizers(cfg.lr)
+    private = gen.modules[gen.private]
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=cfg.batch_size, shuffle=True)
     metrics: dict[str, float] = {}
 
@@ -76,9 +78,9 @@ def train_round(
         ledger.check(plan.noise_multiplier, plan.sample_rate, cfg.local_steps)
         engine = PrivacyEngine(accountant=cfg.accountant)
         engine.accountant = ledger.accountant  # account into the persisted ledger
-        model_dp, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
+        private, optimizers[gen.private], loader = engine.make_private(
+            module=private,
+            optimizer=optimizers[gen.private],
             data_loader=loader,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
@@ -88,9 +90,8 @@ def train_round(
         metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     else:
         warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
-        model_dp, ledger = model, None
+        ledger = None
 
-    scheduler = train_scheduler(run.model)
     losses: list[float] = []
     batches = iter(loader)
     while len(losses) < cfg.local_steps:
@@ -102,11 +103,7 @@ def train_round(
         if len(x) == 0:  # Poisson sampling can draw an empty batch: nothing is released
             losses.append(float("nan"))
             continue
-        loss = noise_prediction_loss(model_dp, scheduler, x.to(device), y.to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device))["train_loss"])
 
     finite = [v for v in losses if v == v]
     metrics.update(
@@ -117,22 +114,15 @@ def train_round(
     if ledger is not None:
         ledger.record_round(server_round, cfg.local_steps)
         metrics.update(epsilon=ledger.spent, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta)
-    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()}
     for key, value in weights.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise FloatingPointError(f"site {site.name}: local update {key} is not finite; not sending it")
     return RoundResult(weights, metrics)
 
 
-@torch.no_grad()
 def heldout_loss(run: RunConfig, data: SiteData, weights: dict[str, torch.Tensor], device: torch.device, max_images: int = 256) -> float:
-    """Denoising loss of the global model on this site's held-out images (fixed seeds)."""
-    model = build_unet(run.model)
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    gen = torch.Generator().manual_seed(run.seed)
-    x = data.holdout_x[:max_images].to(device)
-    y = data.holdout_y[:max_images].to(device)
-    t = torch.randint(0, run.model.num_train_timesteps, (len(x),), generator=gen).to(device)
-    noise = torch.randn(x.shape, generator=gen).to(device)
-    return float(noise_prediction_loss(model, train_scheduler(run.model), x, y, t, noise))
+    """The global model's own loss on this site's held-out images (fixed seeds)."""
+    gen = build_generator(run.model)
+    gen.load_state_dict(weights)
+    return float(-gen.membership_scores(data.holdout_x[:max_images], data.holdout_y[:max_images], run.seed, device).mean())

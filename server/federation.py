@@ -11,7 +11,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.models import build_unet
+from common.models.generators import build_generator
 from common.runtime import seed_everything, versions, write_json
 
 from .ledger import ServerLedger
@@ -25,7 +25,7 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     write_json(run_dir / "config.json", run.to_dict())
     write_json(run_dir / "versions.json", versions())
     seed_everything(run.seed)
-    model = build_unet(run.model)
+    model = build_generator(run.model)
 
     n_sites = len(run.training_sites)
     ledger = ServerLedger(run_dir / "privacy_ledger.json")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.models import build_unet, sample
+from common.models.generators import build_generator
 from common.runtime import pick_device, sha256_file, sha256_state_dict, versions, write_json
 
 
@@ -31,10 +31,10 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_co
     """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and ``manifest.json``."""
     counts = class_counts(run, pooled_label_counts)
     labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
-    model = build_unet(run.model)
-    model.load_state_dict(weights)
+    gen = build_generator(run.model)
+    gen.load_state_dict(weights)
     seed = run.seed + 1
-    images = sample(model, run.model, labels, run.synthesis.ddim_steps, seed, run.synthesis.batch_size, pick_device())
+    images = gen.sample(labels, seed, run.synthesis.ddim_steps, run.synthesis.batch_size, pick_device())
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path = out_dir / "synthetic.npz"
     np.savez_compressed(
@@ -47,7 +47,8 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_co
         "num_images": int(len(labels)),
         "class_counts": counts,
         "class_mix": "configured" if run.synthesis.class_mix else "pooled site label distribution",
-        "sampler": {"name": "DDIM", "steps": run.synthesis.ddim_steps, "eta": 0.0, "seed": seed},
+        "generator": run.model.name,
+        "sampler": {"name": "DDIM" if run.model.name == "ddpm" else "ancestral", "steps": run.synthesis.ddim_steps, "eta": 0.0, "seed": seed},
         "model_sha256": sha256_state_dict(weights),
         "run_seed": run.seed,
         "versions": versions(),

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from common.config import RunConfig
 from common.data import SiteData, load_site
-from common.metrics.attacks import attack_metrics, denoising_scores, nearest_neighbour_report
+from common.metrics.attacks import attack_metrics, nearest_neighbour_report
 from common.metrics.fidelity import build_extractor, extract, fid_kid, msssim_diversity
 from common.metrics.fup import fidelity_score, fup_score, privacy_score, utility_score
 from common.metrics.utility import score_classifier, train_classifier
+from common.models.generators import build_generator
 from common.runtime import pick_device
 from server.synthesis import load_synthetic
 
@@ -40,7 +41,8 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
     train_names = [s.name for s in run.training_sites]
     ext_names = [s.name for s in run.external_sites]
     syn_x, syn_y = load_synthetic(run_dir / "synthetic" / "synthetic.npz")
-    weights = torch.load(run_dir / "global_model.pt", map_location="cpu")
+    generator = build_generator(run.model)
+    generator.load_state_dict(torch.load(run_dir / "global_model.pt", map_location="cpu"))
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
 
     pooled_train_x = _cat([sites[n].train_x for n in train_names])
@@ -115,8 +117,8 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
         m_x, m_y = _subsample(s.train_x, s.train_y, ev.attack.max_images, run.seed)
         h_x, h_y = _subsample(s.holdout_x, s.holdout_y, ev.attack.max_images, run.seed)
         # Same seed for both groups: each image position gets the same noise draw.
-        member = denoising_scores(weights, run.model, m_x, m_y, ev.attack.timesteps, run.seed, device)
-        nonmember = denoising_scores(weights, run.model, h_x, h_y, ev.attack.timesteps, run.seed, device)
+        member = generator.membership_scores(m_x, m_y, run.seed, device)
+        nonmember = generator.membership_scores(h_x, h_y, run.seed, device)
         mi = attack_metrics(member, nonmember)
         spent = ledger.get(name, {})
         privacy["sites"][name] = {

@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.checks import CheckFailed, check_weights
 from client.client_app import make_client_app
-from common.models import build_unet
+from common.models.generators import build_generator
 from server.ledger import ServerLedger
 from server.strategy import LedgerFedAvg
 
@@ -58,7 +58,7 @@ def test_all_sites_declining_keeps_the_previous_model(tmp_path):
 
 
 def test_client_rejects_malformed_global_weights(tiny_run):
-    good = build_unet(tiny_run.model).state_dict()
+    good = build_generator(tiny_run.model).state_dict()
     bad_shape = {**good, next(iter(good)): torch.zeros(1)}
     with pytest.raises(CheckFailed, match="expected"):
         check_weights(bad_shape, good, "test")
@@ -71,7 +71,7 @@ def test_client_rejects_malformed_global_weights(tiny_run):
 
 def _train_message(tiny_run, run_dir, server_round: int) -> Message:
     content = RecordDict({
-        "arrays": ArrayRecord(build_unet(tiny_run.model).state_dict()),
+        "arrays": ArrayRecord(build_generator(tiny_run.model).state_dict()),
         "config": ConfigRecord({"server-round": server_round, "run-dir": str(run_dir)}),
     })
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
@@ -85,7 +85,7 @@ def test_clientapp_trains_then_declines_with_a_reason_and_sends_no_pixels(tiny_r
         assert not out.has_error(), out.error
         assert out.content["metrics"]["declined"] == 0
     # Only model weights and scalars leave: every array is a model parameter.
-    assert set(out.content["arrays"].keys()) == set(build_unet(tiny_run.model).state_dict().keys())
+    assert set(out.content["arrays"].keys()) == set(build_generator(tiny_run.model).state_dict().keys())
     assert out.content["site"]["site"] == "hospital_c"
     eps = out.content["metrics"]["epsilon"]
     assert 0 < eps <= tiny_run.training_sites[1].privacy.epsilon

@@ -5,7 +5,7 @@ import torch
 
 from client.trainer import ledger_for, train_round
 from common.data import SiteData
-from common.models import build_unet
+from common.models.generators import build_generator
 from common.privacy import BudgetExceeded, PrivacyLedger, calibrate
 
 
@@ -58,7 +58,7 @@ def _tiny_site(n: int = 40) -> SiteData:
 def test_dp_round_spends_budget_and_refuses_once_it_is_gone(tiny_run, tmp_path):
     site = tiny_run.training_sites[0]
     data = _tiny_site()
-    weights = build_unet(tiny_run.model).state_dict()
+    weights = build_generator(tiny_run.model).state_dict()
     spent = []
     for r in range(1, tiny_run.training.rounds + 1):
         result = train_round(tiny_run, site, data, weights, r, tmp_path, torch.device("cpu"))

@@ -108,7 +108,7 @@ class PartitionConfig:
 
 @dataclass(config=_STRICT)
 class ModelConfig:
-    name: Literal["ddpm"] = "ddpm"
+    name: Literal["ddpm", "vae", "gan"] = "ddpm"
     image_size: int = Field(32, ge=8)
     in_channels: int = Field(1, ge=1)  # > 1 for stacked multi-contrast MRI
     channels: list[int] = field(default_factory=lambda: [16, 32, 32])
@@ -116,6 +116,8 @@ class ModelConfig:
     norm_num_groups: int = Field(8, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
     num_classes: int = Field(2, ge=1)
+    latent_size: int = Field(64, ge=2)  # VAE and GAN
+    kl_weight: float = Field(1.0, ge=0)  # VAE
 
 
 @dataclass(config=_STRICT)
@@ -172,7 +174,6 @@ class FidelityConfig:
 
 @dataclass(config=_STRICT)
 class AttackConfig:
-    timesteps: list[int] = field(default_factory=lambda: [50, 100, 200, 300])
     max_images: int = Field(300, ge=10)
     reid_quantile: float = Field(0.01, gt=0, lt=0.5)
 

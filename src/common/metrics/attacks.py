@@ -2,8 +2,9 @@
 
 * Membership inference (loss threshold attack; Yeom et al. 2018, as applied to
   diffusion models by Matsumoto et al. 2023 and Carlini et al. 2023): the score is
-  minus the denoising loss at fixed timesteps with per-image fixed noise. AUC and
-  TPR at 1% FPR over members (training images) vs non-members (held-out images).
+  minus the generator's own per-example loss with fixed randomness
+  (``Generator.membership_scores``). AUC and TPR at 1% FPR over members (training
+  images) vs non-members (held-out images).
 * Nearest-neighbour distance (pixel L2) from synthetic images to training vs
   held-out images of equal count: a memorising generator sits closer to training.
 * Re-identification rate: the share of synthetic images closer to a training image
@@ -15,28 +16,6 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-from ..config import ModelConfig
-from ..models import build_unet, noise_prediction_loss, train_scheduler
-
-
-@torch.no_grad()
-def denoising_scores(
-    weights: dict, cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor, timesteps: list[int], seed: int, device: torch.device
-) -> torch.Tensor:
-    """Membership score per image: minus the mean loss over ``timesteps``."""
-    model = build_unet(cfg)
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    sched = train_scheduler(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(len(x))
-    for t in timesteps:
-        noise = torch.randn(x.shape, generator=gen)
-        for i in range(0, len(x), 256):
-            sl = slice(i, i + 256)
-            tt = torch.full((len(x[sl]),), t, dtype=torch.long, device=device)
-            total[sl] += noise_prediction_loss(model, sched, x[sl].to(device), y[sl].to(device), tt, noise[sl].to(device), "none").cpu()
-    return -total / len(timesteps)
 
 
 def attack_metrics(member_scores: torch.Tensor, nonmember_scores: torch.Tensor, fpr_target: float = 0.01) -> dict[str, float]:

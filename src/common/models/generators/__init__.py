@@ -1,0 +1,16 @@
+"""Generators behind one interface, chosen by ``model.name``."""
+
+from ...config import ModelConfig
+from .base import Generator
+from .ddpm import DDPM
+from .gan import GAN
+from .vae import VAE
+
+REGISTRY: dict[str, type[Generator]] = {cls.name: cls for cls in (DDPM, VAE, GAN)}
+
+
+def build_generator(cfg: ModelConfig) -> Generator:
+    return REGISTRY[cfg.name](cfg)
+
+
+__all__ = ["DDPM", "GAN", "REGISTRY", "VAE", "Generator", "build_generator"]

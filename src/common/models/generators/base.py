@@ -1,0 +1,71 @@
+"""The one interface every generator implements.
+
+Clients, the server, synthesis and evaluation only talk to this interface; the
+model is chosen by ``model.name`` in config. A generator owns one or more
+networks (``modules``); the one named by ``private`` is the module DP-SGD wraps
+(the whole model for DDPM/VAE, the discriminator for a DP-GAN).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...config import ModelConfig
+
+
+class Generator(ABC):
+    name: ClassVar[str]
+    private: ClassVar[str]
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.modules: dict[str, nn.Module] = {}
+
+    # ----------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every array exchanged with Flower, keys prefixed by module name."""
+        return {f"{m}.{k}": v for m, mod in self.modules.items() for k, v in mod.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for m, mod in self.modules.items():
+            prefix = f"{m}."
+            mod.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def to(self, device: torch.device | str) -> "Generator":
+        for mod in self.modules.values():
+            mod.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> "Generator":
+        for mod in self.modules.values():
+            mod.train(mode)
+        return self
+
+    def optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """One Adam per trained module; the private one is wrapped by Opacus."""
+        return {m: torch.optim.Adam(mod.parameters(), lr=lr) for m, mod in self.modules.items()}
+
+    # ------------------------------------------------------- training
+    @abstractmethod
+    def train_step(self, private: nn.Module, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on a batch; ``private`` is ``modules[self.private]``, maybe DP-wrapped."""
+
+    # ----------------------------------------------------- generation
+    @abstractmethod
+    def sample(self, labels: torch.Tensor, seed: int, steps: int, batch_size: int, device: torch.device | str, progress: bool = True) -> torch.Tensor:
+        """One image per label, (N, C, S, S) in [0, 1]."""
+
+    # --------------------------------------------------------- attacks
+    @abstractmethod
+    def membership_scores(self, x: torch.Tensor, y: torch.Tensor, seed: int, device: torch.device | str) -> torch.Tensor:
+        """Per-image score for a membership-inference attack: higher = more likely a training image.
+        Minus the model's own per-example loss (DDPM: denoising, VAE: negative ELBO, GAN: -D logit)."""
+
+
+def one_hot_maps(y: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:
+    """Labels as constant one-hot image channels (B, K, S, S): how the VAE and GAN are conditioned."""
+    return nn.functional.one_hot(y, num_classes).float()[:, :, None, None].expand(-1, -1, size, size)
