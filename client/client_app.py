@@ -44,7 +44,9 @@ def _metrics(values: dict[str, float]) -> MetricRecord:
     return MetricRecord({k.replace("_", "-"): float(v) for k, v in values.items()})
 
 
-def make_client_app(get_run: Callable[[Context], RunConfig]) -> ClientApp:
+def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = False) -> ClientApp:
+    """``simulation=True`` only from ``fedsynth simulate``: the one place a non-private
+    baseline (``training.dp: false``) may train. A deployed node always refuses it."""
     app = ClientApp()
 
     @app.train()
@@ -57,6 +59,8 @@ def make_client_app(get_run: Callable[[Context], RunConfig]) -> ClientApp:
         where = state_dir(site, config)
         info = ConfigRecord({"site": site.name, "reason": ""})
         try:
+            if not run.training.dp and not simulation:
+                raise BudgetExceeded("this node trains only with differential privacy (training.dp is false)")
             result = train_round(
                 run, site, data, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]), where, pick_device()
             )

@@ -20,9 +20,10 @@ class ServerLedger:
     def record(self, site: str, server_round: int, metrics: dict[str, float], reason: str = "") -> None:
         entry = {
             "round": server_round,
-            "epsilon": float(metrics.get("epsilon", 0.0)),
-            "epsilon_budget": float(metrics.get("epsilon-budget", float("nan"))),
-            "delta": float(metrics.get("delta", 0.0)),
+            # No epsilon reported = trained without DP (a simulated baseline): no guarantee.
+            "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
+            "epsilon_budget": float(metrics["epsilon-budget"]) if "epsilon-budget" in metrics else None,
+            "delta": float(metrics["delta"]) if "delta" in metrics else None,
             "declined": bool(metrics.get("declined", 0)),
         }
         if reason:

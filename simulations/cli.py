@@ -16,6 +16,12 @@ def _simulate(args: argparse.Namespace) -> None:
     simulate(args.config, args.profile, args.output_dir)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+
+    compare(args.config, args.profile, args.output_dir)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from common.config import run_from_dict
 
@@ -55,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick", help="'quick' (default) or a profile named in the YAML, e.g. 'full'")
     p.add_argument("--output-dir", default=None, help="where run folders go (default: the YAML's output_dir)")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("compare", help="train several generators on one federation and compare them")
+    p.add_argument("config", help="compare YAML, e.g. simulations/compare.yaml")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--output-dir", default=None)
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("evaluate", help="(re)score a finished run folder, e.g. one made by `flwr run .`")
     p.add_argument("run_dir")

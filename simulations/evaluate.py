@@ -122,9 +122,9 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
         mi = attack_metrics(member, nonmember)
         spent = ledger.get(name, {})
         privacy["sites"][name] = {
-            "epsilon": spent.get("epsilon", float("nan")),
-            "delta": spent.get("delta", float("nan")),
-            "epsilon_budget": spent.get("epsilon_budget", float("nan")),
+            "epsilon": spent.get("epsilon"),  # None: trained without DP
+            "delta": spent.get("delta"),
+            "epsilon_budget": spent.get("epsilon_budget"),
             "rounds_trained": spent.get("rounds_trained", 0),
             "declined_rounds": spent.get("declined_rounds", []),
             "mi_auc": mi["auc"],
@@ -135,7 +135,7 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
     privacy.update(
         mi_auc_max=max(p["mi_auc"] for p in per),
         reid_rate_max=max(p["reid_rate"] for p in per),
-        epsilon_max=max(p["epsilon"] for p in per),
+        epsilon_max=None if any(p["epsilon"] is None for p in per) else max(p["epsilon"] for p in per),
         reid_quantile=ev.attack.reid_quantile,
     )
 

@@ -22,6 +22,10 @@ from common.runtime import versions, write_json
 console = Console(stderr=True)
 
 
+def _eps(e: float | None) -> str:
+    return "inf (no DP)" if e is None else f"{e:.2f}"
+
+
 def new_run_dir(run: RunConfig, output_dir: str | None = None) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir or run.output_dir).expanduser().resolve()
@@ -51,7 +55,7 @@ def run_federation(run: RunConfig, run_dir: Path) -> None:
     }
     run_simulation(
         server_app=make_server_app(lambda _ctx: run, lambda _ctx, _run: run_dir),
-        client_app=make_client_app(lambda _ctx: run),
+        client_app=make_client_app(lambda _ctx: run, simulation=True),
         num_supernodes=len(run.training_sites),
         backend_config=backend_config,
     )
@@ -83,14 +87,13 @@ def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None)
     return report
 
 
-def simulate(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
+def simulate_run(run: RunConfig, run_dir: Path) -> dict:
+    """Federate, synthesise and evaluate one configured run into ``run_dir``; returns the report."""
     start = time.time()
-    run = load_run(config, profile)
-    run_dir = new_run_dir(run, output_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
-    console.rule(f"[bold]fedsynth simulate[/] {run.name} ({profile}) -> {run_dir}")
-    console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} DP-SGD steps, then sampling")
+    console.rule(f"[bold]fedsynth simulate[/] {run.name} ({run.profile}, {run.model.name}, dp={run.training.dp}) -> {run_dir}")
+    console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} steps, then sampling")
     run_federation(run, run_dir)
     console.print(f"[2/2] Evaluating the release ({time.time() - start:.0f} s so far)")
     report = evaluate_run(run, run_dir, start)
@@ -98,7 +101,14 @@ def simulate(config: str, profile: str = "quick", output_dir: str | None = None)
     console.rule("[bold]Headline")
     console.print(
         f"FID {h['fid']:.3g} | AUC gain (hybrid - real) internal {h['auc_gain_internal']:+.3f}, external {h['auc_gain_external']:+.3f} | "
-        f"MI-AUC max {h['mi_auc_max']:.3f} | eps {', '.join(f'{s}={e:.2f}' for s, e in h['epsilon'].items())} | FUP {h['fup']:.1f}"
+        f"MI-AUC max {h['mi_auc_max']:.3f} | eps {', '.join(f'{s}={_eps(e)}' for s, e in h['epsilon'].items())} | FUP {h['fup']:.1f}"
     )
     console.print(f"Wall time {report['run']['wall_time_s']:.0f} s. Reports: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
+    return report
+
+
+def simulate(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
+    run = load_run(config, profile)
+    run_dir = new_run_dir(run, output_dir)
+    simulate_run(run, run_dir)
     return run_dir

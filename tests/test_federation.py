@@ -95,3 +95,14 @@ def test_clientapp_trains_then_declines_with_a_reason_and_sends_no_pixels(tiny_r
     assert "budget" in out.content["site"]["reason"]
     assert "arrays" not in out.content
     assert out.content["metrics"]["epsilon"] == pytest.approx(eps)
+
+
+def test_deployed_node_refuses_non_private_training(tiny_run, tmp_path):
+    import dataclasses
+
+    run = dataclasses.replace(tiny_run, training=dataclasses.replace(tiny_run.training, dp=False))
+    deployed = make_client_app(lambda _ctx: run)  # simulation=False: a real hospital node
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    out = deployed(_train_message(run, tmp_path, 1), ctx)
+    assert out.content["metrics"]["declined"] == 1 and "only with differential privacy" in out.content["site"]["reason"]
+    assert "arrays" not in out.content

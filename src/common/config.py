@@ -276,8 +276,8 @@ def load_site(path: str | os.PathLike) -> SiteConfig:
     return site
 
 
-def load_run(path: str | os.PathLike, profile: str = "quick") -> RunConfig:
-    """Load a simulation YAML, apply ``profiles.<profile>`` and load its sites.
+def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a simulation YAML, apply ``profiles.<profile>``, then ``overrides``, and load its sites.
 
     Site paths are relative to the simulation file.
     """
@@ -288,6 +288,8 @@ def load_run(path: str | os.PathLike, profile: str = "quick") -> RunConfig:
         if profile not in profiles:
             raise ConfigError(f"{path}: profiles: no profile named {profile!r} (have: {sorted(profiles)})")
         data = _deep_merge(data, profiles[profile])
+    if overrides:
+        data = _deep_merge(data, overrides)
     site_paths = data.get("sites")
     if not isinstance(site_paths, list) or not site_paths:
         raise ConfigError(f"{path}: sites: expected a non-empty list of site YAML paths")

@@ -55,11 +55,12 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
     )
     by_budget: dict[float, list[str]] = {}
     for s, p in priv["sites"].items():
-        by_budget.setdefault(p["epsilon_budget"], []).append(s)
+        if p["epsilon_budget"] is not None:
+            by_budget.setdefault(p["epsilon_budget"], []).append(s)
     budgets = {f"budget of {', '.join(names)}": b for b, names in by_budget.items()}
     eps = line_plot(_per_site_series(history["train"], "epsilon"), "ε spent per round per site", "round", "ε", budgets)
 
-    headline_rows = [{"figure": k, "value": v if not isinstance(v, dict) else ", ".join(f"{s}: {e:.3g}" for s, e in v.items())} for k, v in h.items()]
+    headline_rows = [{"figure": k, "value": v if not isinstance(v, dict) else ", ".join(f"{s}: {_fmt(e)}" for s, e in v.items())} for k, v in h.items()]
     util_rows = []
     for name, s in util["sites"].items():
         for way in ("real_only", "hybrid"):

@@ -1,0 +1,90 @@
+"""``fedsynth compare``: several generators on one federation, one comparison report.
+
+Each entry of the compare YAML is the base simulation plus overrides; every run
+is a full ``fedsynth simulate`` run in its own folder, and the comparison gathers
+their report.json figures into the shapes of the papers' Tables 1-3.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, _read_yaml, load_run
+from common.reporting.figures import image_grid
+from common.reporting.report import _fmt, _table
+from common.runtime import versions, write_json
+from server.synthesis import load_synthetic
+
+from .simulate import console, simulate_run
+
+COLUMNS = [
+    ("model", "model"), ("dp", "DP"), ("fid", "FID"), ("kid", "KID"), ("msssim", "MS-SSIM (syn)"),
+    ("auc_int", "AUC int (syn only)"), ("auc_ext", "AUC ext (syn only)"),
+    ("gain_int", "hybrid gain int"), ("gain_ext", "hybrid gain ext"),
+    ("eps", "ε max"), ("mi_auc", "MI-AUC max"), ("tpr", "TPR@1%FPR max"), ("nn_ratio", "NN ratio min"),
+    ("reid", "re-id max"), ("fup", "FUP"),
+]
+
+
+def row(label: str, report: dict) -> dict:
+    f, u, p = report["fidelity"], report["utility"], report["privacy"]
+    ext = next(iter(u["synthetic_only"]["external"].values()), {})
+    sites = p["sites"].values()
+    return {
+        "model": label,
+        "dp": report["run"]["config"]["training"]["dp"],
+        "fid": f["fid"], "kid": f["kid"], "msssim": f["msssim_synthetic"],
+        "auc_int": u["synthetic_only"]["internal"]["auc"], "auc_ext": ext.get("auc"),
+        "gain_int": u["auc_gain_internal"], "gain_ext": u["auc_gain_external"],
+        "eps": p["epsilon_max"], "mi_auc": p["mi_auc_max"],
+        "tpr": max(s["mi_tpr_at_1pct_fpr"] for s in sites),
+        "nn_ratio": min(s["nn_distance_ratio"] for s in sites),
+        "reid": p["reid_rate_max"], "fup": report["fup"]["fup"],
+    }
+
+
+def compare(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
+    start = time.time()
+    path = Path(config).resolve()
+    spec = _read_yaml(path)
+    for key in ("base", "models"):
+        if key not in spec:
+            raise ConfigError(f"{path}: {key}: required")
+    base = path.parent / spec["base"]
+    base_run = load_run(base, profile)
+    out = Path(output_dir or base_run.output_dir).expanduser().resolve() / f"{spec.get('name', 'compare')}-{datetime.now():%Y%m%d-%H%M%S}"
+    rows, grids = [], []
+    for i, entry in enumerate(spec["models"]):
+        label = entry.get("label") or f"model{i}"
+        run = load_run(base, profile, overrides={**(entry.get("overrides") or {}), "name": f"{base_run.name}-{label}"})
+        run_dir = out / label.replace("/", "_")
+        console.rule(f"[bold]compare[/] {i + 1}/{len(spec['models'])}: {label}")
+        report = simulate_run(run, run_dir)
+        rows.append(row(label, report))
+        x, y = load_synthetic(run_dir / "synthetic" / "synthetic.npz")
+        pick = torch.cat([x[y == c][:16] for c in range(run.model.num_classes)])
+        grids.append((label, image_grid(pick, f"{label}: 16 per class")))
+    result = {"name": spec.get("name", "compare"), "profile": profile, "base": str(base), "wall_time_s": time.time() - start,
+              "rows": rows, "columns": dict(COLUMNS), "versions": versions()}
+    write_json(out / "report.json", result)
+    table = _table([{title: r[key] for key, title in COLUMNS} for r in rows], [title for _, title in COLUMNS])
+    imgs = "".join(f"<div><img src='{uri}'></div>" for _, uri in grids)
+    (out / "report.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>fedsynth compare</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f3f3f3}}</style></head><body>
+<h1>fedsynth compare: {html.escape(result['name'])}</h1>
+<p>Base {html.escape(str(base))}, profile {html.escape(profile)}; wall time {result['wall_time_s']:.0f} s. Each model's full report is in its own folder.
+ε max is n/a for a non-private baseline. Definitions: docs/metrics.md.</p>{table}<h2>Samples</h2>{imgs}</body></html>""")
+    console.rule("[bold]Comparison")
+    for r in rows:
+        console.print("  ".join(f"{k}={_fmt(r[k]) if not isinstance(r[k], bool) else r[k]}" for k, _ in COLUMNS))
+    console.print(f"Reports: {out / 'report.json'} and {out / 'report.html'}")
+    return out
+
+
+__all__ = ["compare"]
