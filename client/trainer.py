@@ -61,7 +61,12 @@ def train_round(
     gen.to(device).train()
     optimizers = gen.optimizers(cfg.lr)
     private = gen.modules[gen.private]
-    loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=cfg.batch_size, shuffle=True)
+    tensors = [data.train_x, data.train_y]
+    if run.model.mask_channels:
+        if data.train_masks is None:
+            raise ValueError(f"site {site.name}: model.mask_channels > 0 but the site's scans have no masks")
+        tensors.append(data.train_masks)
+    loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True)
     metrics: dict[str, float] = {}
 
     if cfg.dp:
@@ -96,14 +101,15 @@ def train_round(
     batches = iter(loader)
     while len(losses) < cfg.local_steps:
         try:
-            x, y = next(batches)
+            x, y, *m = next(batches)
         except StopIteration:
             batches = iter(loader)
             continue
         if len(x) == 0:  # Poisson sampling can draw an empty batch: nothing is released
             losses.append(float("nan"))
             continue
-        losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device))["train_loss"])
+        masks = m[0].to(device) if m else None
+        losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
 
     finite = [v for v in losses if v == v]
     metrics.update(

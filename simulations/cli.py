@@ -22,6 +22,12 @@ def _compare(args: argparse.Namespace) -> None:
     compare(args.config, args.profile, args.output_dir)
 
 
+def _mask_demo(args: argparse.Namespace) -> None:
+    from .mask_conditioning import mask_demo
+
+    mask_demo(args.config, args.output_dir)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from common.config import run_from_dict
 
@@ -67,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick")
     p.add_argument("--output-dir", default=None)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("mask-demo", help="mask-conditioned DDPM on real MNI152 slices, with segmentation Dice")
+    p.add_argument("config", help="e.g. simulations/mask.yaml")
+    p.add_argument("--output-dir", default=None)
+    p.set_defaults(func=_mask_demo)
 
     p = sub.add_parser("evaluate", help="(re)score a finished run folder, e.g. one made by `flwr run .`")
     p.add_argument("run_dir")

@@ -40,6 +40,7 @@ class PreprocessConfig:
     min_foreground: float = Field(0.1, ge=0, le=1)
     # Foreground = above min + foreground_level * (max - min) of the normalised volume.
     foreground_level: float = Field(0.1, ge=0, le=1)
+    mask_threshold: float = 0.0  # mask = voxel > threshold (e.g. 127 for a 0-255 probability map)
 
 
 @dataclass(config=_STRICT)
@@ -111,6 +112,7 @@ class ModelConfig:
     name: Literal["ddpm", "vae", "gan"] = "ddpm"
     image_size: int = Field(32, ge=8)
     in_channels: int = Field(1, ge=1)  # > 1 for stacked multi-contrast MRI
+    mask_channels: int = Field(0, ge=0)  # > 0: DDPM conditioned on masks concatenated to its input
     channels: list[int] = field(default_factory=lambda: [16, 32, 32])
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
@@ -221,8 +223,8 @@ class RunConfig:
 
 
 def site_path(site: SiteConfig, path: str) -> Path:
-    """Resolve a path from a site YAML: ``~`` expanded, relative to the YAML's folder."""
-    p = Path(path).expanduser()
+    """Resolve a path from a site YAML: ``~`` and ``${VARS}`` expanded, relative to the YAML's folder."""
+    p = Path(os.path.expandvars(path)).expanduser()
     return p if p.is_absolute() or not site.origin else Path(site.origin).parent / p
 
 

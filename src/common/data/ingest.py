@@ -135,7 +135,7 @@ def _process(scan: Scan, site: SiteConfig, image_size: int) -> tuple[np.ndarray,
         m = standardise(raw_mask, pre, is_mask=True)
         if not same_geometry(ref, m):
             raise ScanError("mask_geometry_mismatch", f"mask {m.GetSize()} vs image {ref.GetSize()}")
-        mask = sitk.GetArrayFromImage(m) > 0
+        mask = sitk.GetArrayFromImage(m) > pre.mask_threshold
     images, masks = scan_to_slices(arrays, mask, pre, image_size)
     return images, masks, raw_pid
 

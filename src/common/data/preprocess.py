@@ -34,8 +34,9 @@ def standardise(image: sitk.Image, cfg: PreprocessConfig, is_mask: bool = False)
             spacing = spacing + tuple(image.GetSpacing()[len(spacing):])
         size = [max(1, round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
         interp = sitk.sitkNearestNeighbor if is_mask else sitk.sitkLinear
+        # Masks keep their pixel type (thresholded later); images are resampled as float.
         image = sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), spacing, image.GetDirection(), 0.0,
-                              sitk.sitkUInt8 if is_mask else sitk.sitkFloat32)
+                              image.GetPixelID() if is_mask else sitk.sitkFloat32)
     return image
 
 

@@ -31,6 +31,9 @@ class SiteData:
     train_y: torch.Tensor
     holdout_x: torch.Tensor
     holdout_y: torch.Tensor
+    # (N, 1, S, S) uint8 masks, for sites whose scans come with masks
+    train_masks: torch.Tensor | None = None
+    holdout_masks: torch.Tensor | None = None
 
     def label_counts(self, num_classes: int) -> list[int]:
         y = torch.cat([self.train_y, self.holdout_y])
@@ -99,7 +102,9 @@ def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
     labels = torch.from_numpy(res.labels)
     ho = patient_holdout(res.patients, res.labels, site.holdout_fraction, _split_seed(run, site), site.name)
     tr_idx, ho_idx = torch.from_numpy(np.flatnonzero(~ho)), torch.from_numpy(np.flatnonzero(ho))
-    return SiteData(site.name, images[tr_idx], labels[tr_idx], images[ho_idx], labels[ho_idx])
+    masks = None if res.masks is None else torch.from_numpy(res.masks)
+    return SiteData(site.name, images[tr_idx], labels[tr_idx], images[ho_idx], labels[ho_idx],
+                    None if masks is None else masks[tr_idx], None if masks is None else masks[ho_idx])
 
 
 def patient_holdout(patients: list[str], labels: np.ndarray, fraction: float, seed: int, site: str = "") -> np.ndarray:

@@ -4,6 +4,8 @@
 * Training: ε-prediction with the "simple" loss of Ho et al. (2020), Eq. 14:
   ``L = E_{t, x0, ε} || ε - ε_θ(√ᾱ_t x0 + √(1-ᾱ_t) ε, t) ||²`` using
   :class:`monai.networks.schedulers.DDPMScheduler` for the forward process (Eq. 4).
+* Mask conditioning (optional): the mask is concatenated to the noisy image's
+  channels at every step, as in the conditional brain-MRI DDPM of the reference paper.
 * Sampling: deterministic DDIM (Song et al. 2021, Eq. 12 with η = 0) via
   :class:`monai.networks.schedulers.DDIMScheduler`, with few steps.
 
@@ -24,7 +26,7 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
     # No attention: it is slow on CPU at 32x32 and its per-sample gradients are costly under DP.
     return DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=cfg.in_channels,
+        in_channels=cfg.in_channels + cfg.mask_channels,
         out_channels=cfg.in_channels,
         channels=tuple(cfg.channels),
         attention_levels=(False,) * len(cfg.channels),
@@ -54,14 +56,18 @@ def noise_prediction_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     reduction: str = "mean",
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ho et al. Eq. 14. ``reduction='none'`` gives one loss per image (for attacks)."""
+    """Ho et al. Eq. 14. ``reduction='none'`` gives one loss per image (for attacks);
+    ``cond`` (masks) is concatenated to the noisy input's channels."""
     x0 = to_model_range(x01)
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(x0),), device=x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
     xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+    if cond is not None:
+        xt = torch.cat([xt, cond.float()], dim=1)
     pred = model(xt, timesteps=timesteps, class_labels=labels)
     per_image = ((pred - noise) ** 2).flatten(1).mean(1)
     return per_image if reduction == "none" else per_image.mean()
@@ -77,8 +83,10 @@ def sample(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Generate one image per entry of ``labels`` with DDIM; returns (N, 1, S, S) in [0, 1]."""
+    """Generate one image per entry of ``labels`` (and of ``cond`` masks, if given) with DDIM;
+    returns (N, C, S, S) in [0, 1]."""
     model = model.to(device).eval()
     scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule="linear_beta", clip_sample=True)
     scheduler.set_timesteps(steps)
@@ -88,8 +96,10 @@ def sample(
     for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
         y = labels[start : start + batch_size].to(device)
         x = torch.randn((len(y), cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen).to(device)
+        c = None if cond is None else cond[start : start + batch_size].float().to(device)
         for t in scheduler.timesteps:
-            eps = model(x, timesteps=torch.full((len(y),), int(t), device=device, dtype=torch.long), class_labels=y)
+            inp = x if c is None else torch.cat([x, c], dim=1)
+            eps = model(inp, timesteps=torch.full((len(y),), int(t), device=device, dtype=torch.long), class_labels=y)
             x, _ = scheduler.step(eps, int(t), x)
         out.append(to_unit_range(x).cpu())
     return torch.cat(out) if out else torch.empty(0, cfg.in_channels, cfg.image_size, cfg.image_size)

@@ -21,7 +21,11 @@ class Generator(ABC):
     name: ClassVar[str]
     private: ClassVar[str]
 
+    supports_masks: ClassVar[bool] = False
+
     def __init__(self, cfg: ModelConfig):
+        if cfg.mask_channels and not self.supports_masks:
+            raise ValueError(f"model.mask_channels: mask conditioning is implemented for ddpm, not {self.name}")
         self.cfg = cfg
         self.modules: dict[str, nn.Module] = {}
 
@@ -51,17 +55,24 @@ class Generator(ABC):
 
     # ------------------------------------------------------- training
     @abstractmethod
-    def train_step(self, private: nn.Module, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_step(
+        self, private: nn.Module, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """One optimisation step on a batch; ``private`` is ``modules[self.private]``, maybe DP-wrapped."""
 
     # ----------------------------------------------------- generation
     @abstractmethod
-    def sample(self, labels: torch.Tensor, seed: int, steps: int, batch_size: int, device: torch.device | str, progress: bool = True) -> torch.Tensor:
-        """One image per label, (N, C, S, S) in [0, 1]."""
+    def sample(
+        self, labels: torch.Tensor, seed: int, steps: int, batch_size: int, device: torch.device | str, progress: bool = True,
+        masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One image per label (and mask, for a mask-conditioned model), (N, C, S, S) in [0, 1]."""
 
     # --------------------------------------------------------- attacks
     @abstractmethod
-    def membership_scores(self, x: torch.Tensor, y: torch.Tensor, seed: int, device: torch.device | str) -> torch.Tensor:
+    def membership_scores(
+        self, x: torch.Tensor, y: torch.Tensor, seed: int, device: torch.device | str, masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-image score for a membership-inference attack: higher = more likely a training image.
         Minus the model's own per-example loss (DDPM: denoising, VAE: negative ELBO, GAN: -D logit)."""
 

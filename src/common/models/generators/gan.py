@@ -64,7 +64,7 @@ class GAN(Generator):
     def optimizers(self, lr):
         return {m: torch.optim.Adam(mod.parameters(), lr=lr, betas=(0.5, 0.999)) for m, mod in self.modules.items()}
 
-    def train_step(self, private, optimizers, x, y):
+    def train_step(self, private, optimizers, x, y, masks=None):
         g, d_opt, g_opt = self.modules["generator"], optimizers["discriminator"], optimizers["generator"]
         z = torch.randn(len(x), self.cfg.latent_size, device=x.device)
         fake = g(z, y)
@@ -89,7 +89,7 @@ class GAN(Generator):
         return {"train_loss": d_loss.item(), "generator_loss": g_loss.item()}
 
     @torch.no_grad()
-    def sample(self, labels, seed, steps, batch_size, device, progress=True):
+    def sample(self, labels, seed, steps, batch_size, device, progress=True, masks=None):
         g = self.modules["generator"].to(device).eval()
         gen = torch.Generator().manual_seed(seed)
         out = []
@@ -99,6 +99,6 @@ class GAN(Generator):
         return torch.cat(out)
 
     @torch.no_grad()
-    def membership_scores(self, x, y, seed, device):
+    def membership_scores(self, x, y, seed, device, masks=None):
         d = self.modules["discriminator"].to(device).eval()
         return torch.cat([d(x[i : i + 256].to(device), y[i : i + 256].to(device)).cpu() for i in range(0, len(x), 256)])

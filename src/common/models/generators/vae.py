@@ -51,7 +51,7 @@ class VAE(Generator):
         super().__init__(cfg)
         self.modules = {"vae": ConditionalVAE(cfg)}
 
-    def train_step(self, private, optimizers, x, y):
+    def train_step(self, private, optimizers, x, y, masks=None):
         loss = private(x, y, torch.randn(len(x), self.cfg.latent_size, device=x.device)).mean() / x[0].numel()
         optimizers["vae"].zero_grad()
         loss.backward()
@@ -59,7 +59,7 @@ class VAE(Generator):
         return {"train_loss": loss.item()}
 
     @torch.no_grad()
-    def sample(self, labels, seed, steps, batch_size, device, progress=True):
+    def sample(self, labels, seed, steps, batch_size, device, progress=True, masks=None):
         model = self.modules["vae"].to(device).eval()
         gen = torch.Generator().manual_seed(seed)
         out = []
@@ -70,7 +70,7 @@ class VAE(Generator):
         return torch.cat(out)
 
     @torch.no_grad()
-    def membership_scores(self, x, y, seed, device):
+    def membership_scores(self, x, y, seed, device, masks=None):
         model = self.modules["vae"].to(device).eval()
         eps = torch.randn(len(x), self.cfg.latent_size, generator=torch.Generator().manual_seed(seed))
         return torch.cat([-model(x[i : i + 256].to(device), y[i : i + 256].to(device), eps[i : i + 256].to(device)).cpu()
