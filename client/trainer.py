@@ -10,11 +10,13 @@ engine's accountant, so every optimizer step is accounted and persisted.
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig, SiteConfig
@@ -60,7 +62,13 @@ def train_round(
     gen.load_state_dict(global_weights)
     gen.to(device).train()
     optimizers = gen.optimizers(cfg.lr)
-    private = gen.modules[gen.private]
+    private = gen.private_module(cfg.noise_multiplicity)
+    # Parameters of the wrapped module that are not trained (the noise-multiplicity anchor)
+    # still belong to the DP optimizer, so that Opacus clears their per-sample gradients.
+    owned = {id(p) for g in optimizers[gen.private].param_groups for p in g["params"]}
+    extra = [p for p in private.parameters() if id(p) not in owned]
+    if extra:
+        optimizers[gen.private].add_param_group({"params": extra, "lr": 0.0})
     tensors = [data.train_x, data.train_y]
     if run.model.mask_channels:
         if data.train_masks is None:
@@ -90,7 +98,8 @@ def train_round(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode=cfg.grad_sample_mode,
+            # Noise multiplicity needs per-sample gradients of the whole wrapper (functorch).
+            grad_sample_mode="functorch" if cfg.noise_multiplicity > 1 else cfg.grad_sample_mode,
         )
         metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     else:
@@ -98,18 +107,27 @@ def train_round(
         ledger = None
 
     losses: list[float] = []
-    batches = iter(loader)
-    while len(losses) < cfg.local_steps:
-        try:
-            x, y, *m = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        if len(x) == 0:  # Poisson sampling can draw an empty batch: nothing is released
-            losses.append(float("nan"))
-            continue
-        masks = m[0].to(device) if m else None
-        losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
+    steps = 0
+    private_opt = optimizers[gen.private]
+    with ExitStack() as stack:
+        virtual = cfg.dp and cfg.max_physical_batch_size and cfg.max_physical_batch_size < cfg.batch_size
+        if virtual:  # one logical (accounted) step = several physical batches
+            loader = stack.enter_context(
+                BatchMemoryManager(data_loader=loader, max_physical_batch_size=cfg.max_physical_batch_size, optimizer=private_opt)
+            )
+        batches = iter(loader)
+        while steps < cfg.local_steps:
+            try:
+                x, y, *m = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            if len(x) == 0:  # Poisson sampling can draw an empty batch: nothing is released
+                steps += 0 if virtual else 1
+                continue
+            masks = m[0].to(device) if m else None
+            losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
+            steps += 0 if getattr(private_opt, "_is_last_step_skipped", False) else 1
 
     finite = [v for v in losses if v == v]
     metrics.update(

@@ -32,6 +32,7 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     strategy = LedgerFedAvg(
         run_dir,
         ledger,
+        ema_decay=run.federation.ema_decay,
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=run.federation.min_train_nodes,
@@ -49,8 +50,8 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     if len(result.arrays) == 0:
         declined = {s: p["declined_rounds"] for s, p in ledger.summary().items()}
         raise RuntimeError(f"no round produced a model (sites declined: {declined}); nothing to release")
-    weights = result.arrays.to_torch_state_dict()
-    torch.save(weights, run_dir / "global_model.pt")
+    weights = strategy.ema if strategy.ema is not None else result.arrays.to_torch_state_dict()
+    torch.save(weights, run_dir / "global_model.pt")  # the released model: the EMA when enabled
 
     pooled = [sum(c) for c in zip(*strategy.label_counts.values())] or [1] * run.model.num_classes
     privacy = ledger.summary()

@@ -33,9 +33,11 @@ class LedgerFedAvg(FedAvg):
     * the aggregate is checkpointed to ``run_dir/checkpoints`` every round.
     """
 
-    def __init__(self, run_dir: Path, ledger: ServerLedger, **kwargs):
+    def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", mean_train_loss)
         super().__init__(**kwargs)
+        self.ema_decay = ema_decay
+        self.ema: dict[str, torch.Tensor] | None = None
         self.run_dir = run_dir
         self.ledger = ledger
         self.history: dict[str, list[dict]] = {"train": [], "evaluate": []}
@@ -60,6 +62,7 @@ class LedgerFedAvg(FedAvg):
             accepted.append(msg)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
+            self.update_ema(arrays)
             self.checkpoint(server_round, arrays)
         self._save_history()
         return arrays, metrics
@@ -74,10 +77,21 @@ class LedgerFedAvg(FedAvg):
         self._save_history()
         return super().aggregate_evaluate(server_round, replies)
 
+    def update_ema(self, arrays: ArrayRecord) -> None:
+        """EMA of the aggregated weights over rounds; integer buffers follow the latest."""
+        if not self.ema_decay:
+            return
+        new = arrays.to_torch_state_dict()
+        if self.ema is None:
+            self.ema = {k: v.clone() for k, v in new.items()}
+            return
+        d = self.ema_decay
+        self.ema = {k: (d * self.ema[k] + (1 - d) * v) if v.is_floating_point() else v.clone() for k, v in new.items()}
+
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
         path = self.run_dir / "checkpoints" / f"round_{server_round:04d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"round": server_round, "weights": arrays.to_torch_state_dict()}, path)
+        torch.save({"round": server_round, "weights": arrays.to_torch_state_dict(), "ema": self.ema}, path)
         return path
 
     def _save_history(self) -> None:

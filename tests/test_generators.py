@@ -45,3 +45,17 @@ def test_each_generator_trains_under_opacus_and_spends_budget(name, tiny_run, tm
     assert any(k.startswith(private + ".") for k in changed)  # the DP-trained module moved
     if name == "gan":
         assert any(k.startswith("generator.") for k in changed)  # learned from the DP discriminator
+
+
+@pytest.mark.parametrize("choice", [{"noise_multiplicity": 3}, {"batch_size": 32, "max_physical_batch_size": 8}])
+def test_dp_training_choices_keep_the_accounting(choice, tiny_run, tmp_path):
+    """Noise multiplicity and virtual steps change the gradient, never the privacy accounting."""
+    run = dataclasses.replace(tiny_run, training=dataclasses.replace(tiny_run.training, **choice))
+    site = run.training_sites[0]
+    weights = build_generator(run.model).state_dict()
+    res = train_round(run, site, _site(), weights, 1, tmp_path / "a", torch.device("cpu"))
+    plain = dataclasses.replace(tiny_run, training=dataclasses.replace(tiny_run.training, batch_size=run.training.batch_size))
+    ref = train_round(plain, site, _site(), weights, 1, tmp_path / "b", torch.device("cpu"))
+    assert res.metrics["epsilon"] == pytest.approx(ref.metrics["epsilon"])
+    assert res.metrics["steps"] == run.training.local_steps
+    assert any(not torch.equal(weights[k], res.weights[k]) for k in weights if weights[k].is_floating_point())

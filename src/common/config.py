@@ -131,7 +131,13 @@ class TrainingConfig:
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch"] = "functorch"
-    # Off only for the non-private DDPM baseline; a warning is printed.
+    # Large expected batches on small memory: Opacus' BatchMemoryManager splits each
+    # Poisson batch into physical batches of at most this size (virtual steps).
+    max_physical_batch_size: int | None = Field(None, ge=1)
+    # DPDM's noise multiplicity (Dockhorn et al. 2022): K timestep/noise draws per image
+    # averaged inside one per-example gradient (DDPM only; costs ~K x compute).
+    noise_multiplicity: int = Field(1, ge=1)
+    # Off only for the non-private baselines of a simulation; deployed nodes refuse it.
     dp: bool = True
     threads_per_client: int = Field(1, ge=1)
 
@@ -139,6 +145,9 @@ class TrainingConfig:
 @dataclass(config=_STRICT)
 class FederationConfig:
     min_train_nodes: int = Field(2, ge=1)
+    # Server-side EMA of the global weights over rounds (post-processing: no privacy cost);
+    # synthesis samples from the EMA when > 0.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     timeout_s: float = Field(3600.0, gt=0)

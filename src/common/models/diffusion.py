@@ -84,12 +84,18 @@ def sample(
     device: torch.device | str = "cpu",
     progress: bool = True,
     cond: torch.Tensor | None = None,
+    sampler: str = "ddim",
 ) -> torch.Tensor:
-    """Generate one image per entry of ``labels`` (and of ``cond`` masks, if given) with DDIM;
-    returns (N, C, S, S) in [0, 1]."""
+    """Generate one image per entry of ``labels`` (and of ``cond`` masks, if given); returns
+    (N, C, S, S) in [0, 1]. ``sampler='ddim'``: ``steps`` deterministic DDIM steps;
+    ``'ddpm'``: the full ancestral chain of Ho et al. (Algorithm 2, all training timesteps)."""
     model = model.to(device).eval()
-    scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule="linear_beta", clip_sample=True)
-    scheduler.set_timesteps(steps)
+    if sampler == "ddpm":
+        scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule="linear_beta", clip_sample=True)
+        scheduler.set_timesteps(cfg.num_train_timesteps)
+    else:
+        scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule="linear_beta", clip_sample=True)
+        scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
     out = []
     batches = range(0, len(labels), batch_size)
@@ -100,6 +106,9 @@ def sample(
         for t in scheduler.timesteps:
             inp = x if c is None else torch.cat([x, c], dim=1)
             eps = model(inp, timesteps=torch.full((len(y),), int(t), device=device, dtype=torch.long), class_labels=y)
-            x, _ = scheduler.step(eps, int(t), x)
+            if sampler == "ddpm":  # a CPU generator cannot draw CUDA noise
+                x, _ = scheduler.step(eps, int(t), x, generator=gen if x.device.type == "cpu" else None)
+            else:
+                x, _ = scheduler.step(eps, int(t), x)
         out.append(to_unit_range(x).cpu())
     return torch.cat(out) if out else torch.empty(0, cfg.in_channels, cfg.image_size, cfg.image_size)

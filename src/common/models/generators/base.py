@@ -54,6 +54,12 @@ class Generator(ABC):
         return {m: torch.optim.Adam(mod.parameters(), lr=lr) for m, mod in self.modules.items()}
 
     # ------------------------------------------------------- training
+    def private_module(self, noise_multiplicity: int = 1) -> nn.Module:
+        """The module DP-SGD wraps (and ``train_step`` receives)."""
+        if noise_multiplicity > 1:
+            raise ValueError(f"training.noise_multiplicity: only ddpm supports it, not {self.name}")
+        return self.modules[self.private]
+
     @abstractmethod
     def train_step(
         self, private: nn.Module, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor | None = None
