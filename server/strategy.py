@@ -16,6 +16,13 @@ from common.runtime import write_json
 from .ledger import ServerLedger
 
 
+def ema_update(ema: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
+    """EMA of weights (Polyak averaging); integer buffers follow the latest weights."""
+    if ema is None:
+        return {k: v.clone() for k, v in new.items()}
+    return {k: (decay * ema[k] + (1 - decay) * v) if v.is_floating_point() else v.clone() for k, v in new.items()}
+
+
 def mean_train_loss(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Example-weighted mean of ``train-loss``; per-site ε is kept in the ledger, not averaged."""
     metrics = [next(iter(r.metric_records.values())) for r in replies]
@@ -78,15 +85,8 @@ class LedgerFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
     def update_ema(self, arrays: ArrayRecord) -> None:
-        """EMA of the aggregated weights over rounds; integer buffers follow the latest."""
-        if not self.ema_decay:
-            return
-        new = arrays.to_torch_state_dict()
-        if self.ema is None:
-            self.ema = {k: v.clone() for k, v in new.items()}
-            return
-        d = self.ema_decay
-        self.ema = {k: (d * self.ema[k] + (1 - d) * v) if v.is_floating_point() else v.clone() for k, v in new.items()}
+        if self.ema_decay:
+            self.ema = ema_update(self.ema, arrays.to_torch_state_dict(), self.ema_decay)
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
         path = self.run_dir / "checkpoints" / f"round_{server_round:04d}.pt"

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...config import ModelConfig
 
@@ -81,6 +82,17 @@ class Generator(ABC):
     ) -> torch.Tensor:
         """Per-image score for a membership-inference attack: higher = more likely a training image.
         Minus the model's own per-example loss (DDPM: denoising, VAE: negative ELBO, GAN: -D logit)."""
+
+
+@torch.no_grad()
+def sample_latent(decode, latent_size: int, labels: torch.Tensor, seed: int, batch_size: int, device, progress: bool) -> torch.Tensor:
+    """Latent-variable sampling (VAE, GAN): ``decode(z, y)`` with seeded z ~ N(0, I)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
+        y = labels[i : i + batch_size].to(device)
+        out.append(decode(torch.randn(len(y), latent_size, generator=gen).to(device), y).cpu())
+    return torch.cat(out)
 
 
 def one_hot_maps(y: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:

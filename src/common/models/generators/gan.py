@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from monai.networks.nets import Discriminator as MonaiDiscriminator
 from monai.networks.nets import Generator as MonaiGenerator
 from torch import nn
-from tqdm.auto import tqdm
 
-from .base import Generator, one_hot_maps
+from .base import Generator, one_hot_maps, sample_latent
 
 
 class ConditionalGenerator(nn.Module):
@@ -88,15 +87,9 @@ class GAN(Generator):
         d_opt.zero_grad()
         return {"train_loss": d_loss.item(), "generator_loss": g_loss.item()}
 
-    @torch.no_grad()
     def sample(self, labels, seed, steps, batch_size, device, progress=True, masks=None):
         g = self.modules["generator"].to(device).eval()
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
-            y = labels[i : i + batch_size].to(device)
-            out.append(g(torch.randn(len(y), self.cfg.latent_size, generator=gen).to(device), y).cpu())
-        return torch.cat(out)
+        return sample_latent(g, self.cfg.latent_size, labels, seed, batch_size, device, progress)
 
     @torch.no_grad()
     def membership_scores(self, x, y, seed, device, masks=None):

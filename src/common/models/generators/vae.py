@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import VarAutoEncoder
 from torch import nn
-from tqdm.auto import tqdm
 
-from .base import Generator, one_hot_maps
+from .base import Generator, one_hot_maps, sample_latent
 
 
 class ConditionalVAE(nn.Module):
@@ -58,16 +57,9 @@ class VAE(Generator):
         optimizers["vae"].step()
         return {"train_loss": loss.item()}
 
-    @torch.no_grad()
     def sample(self, labels, seed, steps, batch_size, device, progress=True, masks=None):
         model = self.modules["vae"].to(device).eval()
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
-            y = labels[i : i + batch_size].to(device)
-            z = torch.randn(len(y), self.cfg.latent_size, generator=gen).to(device)
-            out.append(model.decode(z, y).cpu())
-        return torch.cat(out)
+        return sample_latent(model.decode, self.cfg.latent_size, labels, seed, batch_size, device, progress)
 
     @torch.no_grad()
     def membership_scores(self, x, y, seed, device, masks=None):
