@@ -59,3 +59,17 @@ def test_dp_training_choices_keep_the_accounting(choice, tiny_run, tmp_path):
     assert res.metrics["epsilon"] == pytest.approx(ref.metrics["epsilon"])
     assert res.metrics["steps"] == run.training.local_steps
     assert any(not torch.equal(weights[k], res.weights[k]) for k in weights if weights[k].is_floating_point())
+
+
+def test_classifier_free_guidance_trains_a_null_class_and_changes_samples():
+    cfg = ModelConfig(channels=[8, 16, 16], norm_num_groups=4, label_dropout=0.2)
+    gen = build_generator(cfg)
+    opts = gen.optimizers(1e-2)
+    x, y = torch.rand(16, 1, 32, 32), torch.arange(16) % 2
+    for _ in range(10):  # past MONAI's zero-initialised output layer
+        gen.train_step(gen.modules["unet"], opts, x, y)
+    guided = build_generator(dataclasses.replace(cfg, guidance_scale=2.0))
+    guided.load_state_dict(gen.state_dict())
+    labels = torch.tensor([0, 1])
+    plain = gen.sample(labels, seed=0, steps=3, batch_size=2, device="cpu", progress=False)
+    assert not torch.allclose(plain, guided.sample(labels, seed=0, steps=3, batch_size=2, device="cpu", progress=False))

@@ -118,6 +118,10 @@ class ModelConfig:
     norm_num_groups: int = Field(8, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
     num_classes: int = Field(2, ge=1)
+    # Classifier-free guidance (Ho & Salimans 2022), DDPM: train with the label dropped
+    # to a null class with this probability; sample with eps = (1 + w) eps(x, y) - w eps(x).
+    label_dropout: float = Field(0.0, ge=0, lt=1)
+    guidance_scale: float = Field(0.0, ge=0)
     latent_size: int = Field(64, ge=2)  # VAE and GAN
     kl_weight: float = Field(1.0, ge=0)  # VAE
 

@@ -32,7 +32,8 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
         attention_levels=(False,) * len(cfg.channels),
         num_res_blocks=cfg.num_res_blocks,
         norm_num_groups=cfg.norm_num_groups,
-        num_class_embeds=cfg.num_classes,
+        # One extra "null" class for classifier-free guidance.
+        num_class_embeds=cfg.num_classes + (1 if cfg.label_dropout > 0 else 0),
     )
 
 
@@ -105,7 +106,11 @@ def sample(
         c = None if cond is None else cond[start : start + batch_size].float().to(device)
         for t in scheduler.timesteps:
             inp = x if c is None else torch.cat([x, c], dim=1)
-            eps = model(inp, timesteps=torch.full((len(y),), int(t), device=device, dtype=torch.long), class_labels=y)
+            tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)
+            eps = model(inp, timesteps=tt, class_labels=y)
+            if cfg.guidance_scale > 0 and cfg.label_dropout > 0:  # Ho & Salimans 2022, Eq. 6
+                eps_null = model(inp, timesteps=tt, class_labels=torch.full_like(y, cfg.num_classes))
+                eps = (1 + cfg.guidance_scale) * eps - cfg.guidance_scale * eps_null
             if sampler == "ddpm":  # a CPU generator cannot draw CUDA noise
                 x, _ = scheduler.step(eps, int(t), x, generator=gen if x.device.type == "cpu" else None)
             else:

@@ -63,6 +63,9 @@ class DDPM(Generator):
         return NoiseMultiplicityLoss(self.modules["unet"], self.scheduler, self.cfg, noise_multiplicity)
 
     def train_step(self, private, optimizers, x, y, masks=None):
+        if self.cfg.label_dropout > 0:  # classifier-free guidance: sometimes train unconditionally
+            drop = torch.rand(len(y), device=y.device) < self.cfg.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.cfg.num_classes), y)
         inner = getattr(private, "_module", private)
         if isinstance(inner, NoiseMultiplicityLoss):
             loss = private(inner.pack(x, y)).mean()
