@@ -16,7 +16,7 @@ from common.runtime import seed_everything, versions, write_json
 
 from .ledger import ServerLedger
 from .strategy import LedgerFedAvg
-from .synthesis import synthesize
+from .synthesis import signing_key_path, synthesize
 
 
 def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
@@ -65,5 +65,6 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
             "rounds": run.training.rounds,
             "sites": {s: {"epsilon": p["epsilon"], "delta": p["delta"], "rounds_trained": p["rounds_trained"]} for s, p in privacy.items()},
         },
+        signing_key=signing_key_path(run, run_dir),
     )
     return {"privacy": privacy, "history": strategy.history, "pooled_label_counts": pooled}

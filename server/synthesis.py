@@ -10,6 +10,7 @@ import torch
 from common.config import RunConfig
 from common.models.generators import build_generator
 from common.runtime import pick_device, sha256_file, sha256_state_dict, versions, write_json
+from common.security.signing import load_or_create_signing_key, sign_release
 
 
 def class_counts(run: RunConfig, pooled_label_counts: list[int]) -> list[int]:
@@ -27,8 +28,10 @@ def class_counts(run: RunConfig, pooled_label_counts: list[int]) -> list[int]:
     return counts.tolist()
 
 
-def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_counts: list[int], out_dir: Path, provenance: dict) -> Path:
-    """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and ``manifest.json``."""
+def synthesize(
+    run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_counts: list[int], out_dir: Path, provenance: dict, signing_key: Path
+) -> Path:
+    """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and ``manifest.json``, signed with ``signing_key``."""
     counts = class_counts(run, pooled_label_counts)
     labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
     gen = build_generator(run.model)
@@ -55,7 +58,14 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_co
         **provenance,
     }
     write_json(out_dir / "manifest.json", manifest)
+    sign_release(out_dir, load_or_create_signing_key(signing_key))
     return data_path
+
+
+def signing_key_path(run: RunConfig, run_dir: Path) -> Path:
+    """``synthesis.signing_key``; a relative path is relative to the folder that holds the run folders."""
+    path = Path(run.synthesis.signing_key).expanduser()
+    return path if path.is_absolute() else run_dir.parent / path
 
 
 def load_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,36 @@ def _ingest(args: argparse.Namespace) -> None:
     print(f"details: {site_state_dir(site) / 'quarantine.json'}")
 
 
+def _certs(args: argparse.Namespace) -> None:
+    from common.config import load_site
+    from common.security.certs import make_certs
+
+    sites = [load_site(p).name for p in args.sites]
+    done = make_certs(Path(args.out), sites, args.host or ["localhost", "127.0.0.1"], force=args.force)
+    for what in ("created", "kept"):
+        if done[what]:
+            print(f"{what}: " + ", ".join(done[what]))
+    if done["kept"] and not args.force:
+        print("existing files were kept; --force regenerates them (sites must then re-register their keys)")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from common.security.signing import VerificationError, verify_release
+
+    release = Path(args.release)
+    if (release / "synthetic").is_dir() and not (release / "manifest.json").exists():
+        release = release / "synthetic"  # a run folder was given
+    try:
+        files = verify_release(release, Path(args.public_key) if args.public_key else None)
+    except VerificationError as exc:
+        print(f"fedsynth verify: FAILED: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if not args.public_key:
+        print("note: checked against the public key shipped in the release; pass --public-key with the "
+              "coordinator's published key to check who signed it")
+    print(f"OK: signature valid; {len(files)} file(s) match: {', '.join(files)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsynth", description="Federated, privacy-preserving synthesis of medical images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("site", help="site YAML, e.g. sites/hospital_e.yaml")
     p.add_argument("--image-size", type=int, default=32, help="model image size (default 32)")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("certs", help="create the federation's CA, SuperLink TLS certificate and site key pairs")
+    p.add_argument("--out", default="certs", help="output folder (default: certs/)")
+    p.add_argument("--sites", nargs="*", default=[], help="site YAMLs to make SuperNode key pairs for")
+    p.add_argument("--host", action="append", help="SuperLink host name or IP for its certificate (repeatable)")
+    p.add_argument("--force", action="store_true", help="regenerate files that already exist")
+    p.set_defaults(func=_certs)
+
+    p = sub.add_parser("verify", help="check a synthetic release's signature and every file it lists")
+    p.add_argument("release", help="a release folder (runs/<run>/synthetic) or a run folder")
+    p.add_argument("--public-key", default=None, help="the coordinator's Ed25519 public key (PEM)")
+    p.set_defaults(func=_verify)
 
     args = parser.parse_args(argv)
     try:

@@ -56,12 +56,13 @@ def compare(config: str, profile: str = "quick", output_dir: str | None = None) 
         if key not in spec:
             raise ConfigError(f"{path}: {key}: required")
     base = path.parent / spec["base"]
-    base_run = load_run(base, profile)
-    out = Path(output_dir or base_run.output_dir).expanduser().resolve() / f"{spec.get('name', 'compare')}-{datetime.now():%Y%m%d-%H%M%S}"
+    common = {"output_dir": output_dir} if output_dir else {}
+    base_run = load_run(base, profile, overrides=common)
+    out = Path(base_run.output_dir).expanduser().resolve() / f"{spec.get('name', 'compare')}-{datetime.now():%Y%m%d-%H%M%S}"
     rows, grids = [], []
     for i, entry in enumerate(spec["models"]):
         label = entry.get("label") or f"model{i}"
-        run = load_run(base, profile, overrides={**(entry.get("overrides") or {}), "name": f"{base_run.name}-{label}"})
+        run = load_run(base, profile, overrides={**(entry.get("overrides") or {}), **common, "name": f"{base_run.name}-{label}"})
         run_dir = out / label.replace("/", "_")
         console.rule(f"[bold]compare[/] {i + 1}/{len(spec['models'])}: {label}")
         report = simulate_run(run, run_dir)

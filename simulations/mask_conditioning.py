@@ -107,7 +107,7 @@ def mask_demo(config: str, output_dir: str | None = None, overrides: dict | None
         raw = _deep_merge(raw, overrides)
     cfg: MaskDemoConfig = _validate(MaskDemoConfig, raw, path)
     device = pick_device()
-    out = Path(output_dir or (path.parent / cfg.output_dir)).expanduser().resolve() / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(output_dir or cfg.output_dir).expanduser().resolve() / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True)
     write_json(out / "config.json", dataclasses.asdict(cfg))
 

@@ -26,9 +26,9 @@ def _eps(e: float | None) -> str:
     return "inf (no DP)" if e is None else f"{e:.2f}"
 
 
-def new_run_dir(run: RunConfig, output_dir: str | None = None) -> Path:
+def new_run_dir(run: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(output_dir or run.output_dir).expanduser().resolve()
+    base = Path(run.output_dir).expanduser().resolve()
     path = base / f"{run.name}-{stamp}"
     i = 1
     while path.exists():
@@ -108,7 +108,7 @@ def simulate_run(run: RunConfig, run_dir: Path) -> dict:
 
 
 def simulate(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
-    run = load_run(config, profile)
-    run_dir = new_run_dir(run, output_dir)
+    run = load_run(config, profile, overrides={"output_dir": output_dir} if output_dir else None)
+    run_dir = new_run_dir(run)
     simulate_run(run, run_dir)
     return run_dir

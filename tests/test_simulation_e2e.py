@@ -69,3 +69,10 @@ def test_release_has_manifest_config_versions_and_html(finished_run):
     html = (run_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6  # 2 classes x (real, synthetic) + 2 plots
     assert (run_dir / "checkpoints" / "round_0002.pt").exists()
+
+
+def test_release_is_signed_and_verifies(finished_run):
+    from common.security.signing import verify_release
+
+    run_dir, _ = finished_run
+    assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]

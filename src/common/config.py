@@ -164,6 +164,9 @@ class SynthesisConfig:
     batch_size: int = Field(250, ge=1)
     # Share per class label; None means the pooled label distribution of the sites.
     class_mix: dict[int, float] | None = None
+    # The coordinator's Ed25519 release-signing key (PEM); created (0600) on first use.
+    # A relative path is relative to the folder holding the run folders.
+    signing_key: str = ".keys/release_signing.pem"
 
 
 @dataclass(config=_STRICT)
