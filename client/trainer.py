@@ -25,7 +25,7 @@ from common.models.generators import build_generator
 from common.privacy import PrivacyLedger, calibrate
 from common.runtime import seed_everything
 
-from .checks import check_weights
+from common.checks import check_weights
 
 
 @dataclass

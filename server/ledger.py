@@ -17,7 +17,7 @@ class ServerLedger:
     path: Path
     sites: dict[str, list[dict]] = field(default_factory=dict)
 
-    def record(self, site: str, server_round: int, metrics: dict[str, float], reason: str = "") -> None:
+    def record(self, site: str, server_round: int, metrics: dict[str, float], reason: str = "", rejected: bool = False) -> None:
         entry = {
             "round": server_round,
             # No epsilon reported = trained without DP (a simulated baseline): no guarantee.
@@ -25,6 +25,7 @@ class ServerLedger:
             "epsilon_budget": float(metrics["epsilon-budget"]) if "epsilon-budget" in metrics else None,
             "delta": float(metrics["delta"]) if "delta" in metrics else None,
             "declined": bool(metrics.get("declined", 0)),
+            "rejected": rejected,
         }
         if reason:
             entry["reason"] = reason
@@ -40,7 +41,8 @@ class ServerLedger:
                 "epsilon": entries[-1]["epsilon"],
                 "delta": entries[-1]["delta"],
                 "epsilon_budget": entries[-1]["epsilon_budget"],
-                "rounds_trained": sum(not e["declined"] for e in entries),
+                "rounds_trained": sum(not e["declined"] and not e["rejected"] for e in entries),
+                "rejected_rounds": [e["round"] for e in entries if e["rejected"]],
                 "declined_rounds": [e["round"] for e in entries if e["declined"]],
                 "history": entries,
             }

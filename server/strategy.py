@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
+from common.checks import CheckFailed, check_weights
 from common.runtime import write_json
 
 from .ledger import ServerLedger
@@ -45,10 +46,15 @@ class LedgerFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.ema_decay = ema_decay
         self.ema: dict[str, torch.Tensor] | None = None
+        self.current: dict[str, torch.Tensor] = {}
         self.run_dir = run_dir
         self.ledger = ledger
         self.history: dict[str, list[dict]] = {"train": [], "evaluate": []}
         self.label_counts: dict[str, list[int]] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.current = arrays.to_torch_state_dict()  # what every update must match
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
@@ -59,6 +65,13 @@ class LedgerFedAvg(FedAvg):
             site = str(msg.content["site"]["site"])
             metrics = dict(msg.content["metrics"])
             reason = str(msg.content["site"]["reason"])
+            if not metrics.get("declined"):
+                try:  # a malformed update is never averaged in
+                    check_weights(msg.content["arrays"].to_torch_state_dict(), self.current, f"update from {site}")
+                except (CheckFailed, KeyError) as exc:
+                    log(WARNING, "Rejected round %d update: %s", server_round, exc)
+                    self.ledger.record(site, server_round, metrics, f"update rejected: {exc}", rejected=True)
+                    continue
             self.ledger.record(site, server_round, metrics, reason)
             if metrics.get("declined"):
                 log(WARNING, "Site %s declined round %d: %s", site, server_round, reason)

@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.checks import CheckFailed, check_weights
+from common.checks import CheckFailed, check_weights
 from client.client_app import make_client_app
 from common.models.generators import build_generator
 from server.ledger import ServerLedger
@@ -34,6 +34,7 @@ def reply(site: str, weights: dict, n: int, declined: bool = False, eps: float =
 def test_fedavg_weights_by_examples_skips_declined_sites_and_checkpoints(tmp_path):
     ledger = ServerLedger(tmp_path / "ledger.json")
     strategy = LedgerFedAvg(tmp_path, ledger, min_train_nodes=1, min_available_nodes=1)
+    strategy.current = {"w": torch.zeros(3), "b": torch.ones(2)}
     a = {"w": torch.zeros(3), "b": torch.ones(2)}
     b = {"w": torch.full((3,), 4.0), "b": torch.full((2,), 3.0)}
     c = {"w": torch.full((3,), 100.0), "b": torch.full((2,), 100.0)}
@@ -49,6 +50,27 @@ def test_fedavg_weights_by_examples_skips_declined_sites_and_checkpoints(tmp_pat
     assert summary["a"]["rounds_trained"] == 1 and summary["a"]["epsilon"] == 1.0
     saved = torch.load(tmp_path / "checkpoints" / "round_0001.pt")
     assert saved["round"] == 1 and torch.equal(saved["weights"]["w"], avg["w"])
+
+
+def test_malformed_updates_are_rejected_and_logged_never_averaged(tmp_path):
+    ledger = ServerLedger(tmp_path / "ledger.json")
+    strategy = LedgerFedAvg(tmp_path, ledger, min_train_nodes=1, min_available_nodes=1)
+    strategy.current = {"w": torch.zeros(3), "b": torch.ones(2)}
+    good = {"w": torch.full((3,), 2.0), "b": torch.ones(2)}
+    bad = {
+        "keys": {"w": torch.zeros(3), "other": torch.ones(2)},
+        "shape": {"w": torch.zeros(4), "b": torch.ones(2)},
+        "dtype": {"w": torch.zeros(3, dtype=torch.float64), "b": torch.ones(2)},
+        "nan": {"w": torch.tensor([0.0, float("nan"), 0.0]), "b": torch.ones(2)},
+    }
+    replies = [reply("good", good, 10)] + [reply(name, w, 1000) for name, w in bad.items()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert torch.equal(arrays.to_torch_state_dict()["w"], good["w"])  # only the good one counted
+    summary = ledger.summary()
+    for name in bad:
+        assert summary[name]["rejected_rounds"] == [1] and summary[name]["rounds_trained"] == 0
+        assert "update rejected" in summary[name]["history"][0]["reason"]
+    assert summary["good"]["rounds_trained"] == 1
 
 
 def test_all_sites_declining_keeps_the_previous_model(tmp_path):
