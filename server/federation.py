@@ -19,19 +19,34 @@ from .strategy import LedgerFedAvg
 from .synthesis import signing_key_path, synthesize
 
 
-def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
-    """Run ``training.rounds`` rounds of FedAvg, save the global model, sample the release."""
+def latest_checkpoint(run_dir: Path) -> dict | None:
+    found = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+    return torch.load(found[-1], map_location="cpu") if found else None
+
+
+def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict | None:
+    """Run ``training.rounds`` rounds of FedAvg, save the global model, sample the release.
+
+    A run folder with checkpoints is resumed from its last round, not started over.
+    Returns None when paused by ``federation.stop_after_round``.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
     write_json(run_dir / "versions.json", versions())
     seed_everything(run.seed)
     model = build_generator(run.model)
+    initial, done, ema = model.state_dict(), 0, None
+    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        initial, done, ema = ckpt["weights"], ckpt["round"], ckpt.get("ema")
+        log(INFO, "Resuming %s after round %d from its checkpoint", run_dir, done)
+    last = min(run.training.rounds, run.federation.stop_after_round or run.training.rounds)
 
     n_sites = len(run.training_sites)
     ledger = ServerLedger(run_dir / "privacy_ledger.json")
     strategy = LedgerFedAvg(
         run_dir,
         ledger,
+        round_offset=done,
         ema_decay=run.federation.ema_decay,
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -39,18 +54,25 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
         min_evaluate_nodes=run.federation.min_train_nodes,
         min_available_nodes=min(n_sites, run.federation.min_train_nodes),
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=run.training.rounds,
-        timeout=run.federation.timeout_s,
-        train_config=ConfigRecord({"run-dir": str(run_dir)}),
-        evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
-    )
-    if len(result.arrays) == 0:
+    strategy.ema = ema
+    arrays = ArrayRecord(initial)
+    if last > done:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=last - done,
+            timeout=run.federation.timeout_s,
+            train_config=ConfigRecord({"run-dir": str(run_dir)}),
+            evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
+        )
+        arrays = result.arrays if len(result.arrays) else arrays
+    if latest_checkpoint(run_dir) is None:
         declined = {s: p["declined_rounds"] for s, p in ledger.summary().items()}
         raise RuntimeError(f"no round produced a model (sites declined: {declined}); nothing to release")
-    weights = strategy.ema if strategy.ema is not None else result.arrays.to_torch_state_dict()
+    if last < run.training.rounds:
+        log(INFO, "Paused after round %d of %d; run again on %s to resume", last, run.training.rounds, run_dir)
+        return None
+    weights = strategy.ema if strategy.ema is not None else arrays.to_torch_state_dict()
     torch.save(weights, run_dir / "global_model.pt")  # the released model: the EMA when enabled
 
     pooled = [sum(c) for c in zip(*strategy.label_counts.values())] or [1] * run.model.num_classes

@@ -6,6 +6,7 @@ lets the coordinator and the report show ε per site per round.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from common.runtime import write_json
 class ServerLedger:
     path: Path
     sites: dict[str, list[dict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.path.exists():  # a restarted server continues its ledger
+            self.sites = {s: v["history"] for s, v in json.loads(self.path.read_text()).items()}
 
     def record(self, site: str, server_round: int, metrics: dict[str, float], reason: str = "", rejected: bool = False) -> None:
         entry = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -41,7 +42,7 @@ class LedgerFedAvg(FedAvg):
     * the aggregate is checkpointed to ``run_dir/checkpoints`` every round.
     """
 
-    def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, **kwargs):
+    def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", mean_train_loss)
         super().__init__(**kwargs)
         self.ema_decay = ema_decay
@@ -49,14 +50,22 @@ class LedgerFedAvg(FedAvg):
         self.current: dict[str, torch.Tensor] = {}
         self.run_dir = run_dir
         self.ledger = ledger
-        self.history: dict[str, list[dict]] = {"train": [], "evaluate": []}
-        self.label_counts: dict[str, list[int]] = {}
+        # Rounds already done before a restart: Flower counts from 1 again, we continue.
+        self.round_offset = round_offset
+        self.history: dict = {"train": [], "evaluate": [], "label_counts": {}}
+        if (run_dir / "history.json").exists():
+            self.history = {**self.history, **json.loads((run_dir / "history.json").read_text())}
+        self.label_counts: dict[str, list[int]] = self.history["label_counts"]
 
     def configure_train(self, server_round, arrays, config, grid):
         self.current = arrays.to_torch_state_dict()  # what every update must match
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted = []
         for msg in replies:
             if msg.has_error():
@@ -88,6 +97,7 @@ class LedgerFedAvg(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         for msg in replies:
             if not msg.has_error():

@@ -11,9 +11,14 @@ from common.data.medmnist import DataError
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from .simulate import simulate
+    from .simulate import resume, simulate
 
-    simulate(args.config, args.profile, args.output_dir)
+    if args.resume:
+        resume(args.resume)
+    elif args.config:
+        simulate(args.config, args.profile, args.output_dir)
+    else:
+        raise ConfigError("simulate: give a simulation YAML, or --resume RUN_DIR")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -93,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="simulate every site of a federation on this machine, then score the release")
-    p.add_argument("config", help="simulation YAML, e.g. simulations/demo.yaml")
+    p.add_argument("config", nargs="?", help="simulation YAML, e.g. simulations/demo.yaml")
     p.add_argument("--profile", default="quick", help="'quick' (default) or a profile named in the YAML, e.g. 'full'")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a paused or interrupted run from its last checkpoint")
     p.add_argument("--output-dir", default=None, help="where run folders go (default: the YAML's output_dir)")
     p.set_defaults(func=_simulate)
 

@@ -6,6 +6,7 @@ engine, then scores the release and writes the reports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.config import RunConfig, load_run
+from common.config import RunConfig, load_run, run_from_dict
 from common.reporting import write_reports
 from common.runtime import versions, write_json
 
@@ -59,7 +60,8 @@ def run_federation(run: RunConfig, run_dir: Path) -> None:
         num_supernodes=len(run.training_sites),
         backend_config=backend_config,
     )
-    if not (run_dir / "synthetic" / "synthetic.npz").exists():
+    paused = run.federation.stop_after_round and run.federation.stop_after_round < run.training.rounds
+    if not paused and not (run_dir / "synthetic" / "synthetic.npz").exists():
         raise RuntimeError(f"federation finished without a synthetic release in {run_dir}; see the log above")
 
 
@@ -95,6 +97,9 @@ def simulate_run(run: RunConfig, run_dir: Path) -> dict:
     console.rule(f"[bold]fedsynth simulate[/] {run.name} ({run.profile}, {run.model.name}, dp={run.training.dp}) -> {run_dir}")
     console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} steps, then sampling")
     run_federation(run, run_dir)
+    if not (run_dir / "synthetic" / "synthetic.npz").exists():
+        console.print(f"Paused after round {run.federation.stop_after_round}; resume with: fedsynth simulate --resume {run_dir}")
+        return {}
     console.print(f"[2/2] Evaluating the release ({time.time() - start:.0f} s so far)")
     report = evaluate_run(run, run_dir, start)
     h = report["headline"]
@@ -110,5 +115,14 @@ def simulate_run(run: RunConfig, run_dir: Path) -> dict:
 def simulate(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
     run = load_run(config, profile, overrides={"output_dir": output_dir} if output_dir else None)
     run_dir = new_run_dir(run)
+    simulate_run(run, run_dir)
+    return run_dir
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue a paused or interrupted run from its last checkpoint, with its own config."""
+    run_dir = Path(run_dir).resolve()
+    run = run_from_dict(json.loads((run_dir / "config.json").read_text()))
+    run = dataclasses.replace(run, federation=dataclasses.replace(run.federation, stop_after_round=None))
     simulate_run(run, run_dir)
     return run_dir

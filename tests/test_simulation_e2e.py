@@ -76,3 +76,24 @@ def test_release_is_signed_and_verifies(finished_run):
 
     run_dir, _ = finished_run
     assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]
+
+
+def test_a_paused_or_restarted_run_resumes_from_its_checkpoint(shared_data, tmp_path):
+    from common.config import load_run
+    from simulations.simulate import new_run_dir, resume, simulate_run
+
+    run = load_run(TINY, overrides={"output_dir": str(tmp_path), "federation": {"stop_after_round": 1}})
+    run_dir = new_run_dir(run)
+    assert simulate_run(run, run_dir) == {}  # paused after round 1: no release yet
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["round_0001.pt"]
+    assert not (run_dir / "synthetic").exists()
+
+    resume(run_dir)  # a restarted coordinator: continues with round 2, not round 1 again
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert sorted((e["round"], e["site"]) for e in history["train"]) == [
+        (1, "hospital_a"), (1, "hospital_c"), (2, "hospital_a"), (2, "hospital_c")]
+    client = json.loads((run_dir / "clients" / "hospital_a" / "privacy_ledger.json").read_text())
+    assert [r["round"] for r in client["rounds"]] == [1, 2] and client["epsilon_spent"] <= 8.0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["privacy"]["sites"]["hospital_a"]["rounds_trained"] == 2

@@ -149,6 +149,9 @@ class TrainingConfig:
 @dataclass(config=_STRICT)
 class FederationConfig:
     min_train_nodes: int = Field(2, ge=1)
+    # Pause after this round (a maintenance window); running again on the same run folder
+    # resumes from the last checkpoint. None runs all rounds.
+    stop_after_round: int | None = Field(None, ge=1)
     # Server-side EMA of the global weights over rounds (post-processing: no privacy cost);
     # synthesis samples from the EMA when > 0.
     ema_decay: float = Field(0.0, ge=0, lt=1)
