@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,6 +78,48 @@ def _certs(args: argparse.Namespace) -> None:
         print("existing files were kept; --force regenerates them (sites must then re-register their keys)")
 
 
+def _flwr_home(args) -> Path:
+    return Path(args.flwr_home or os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
+
+
+def _server(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    state = Path(args.state).expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = deploy.server_command(Path(args.certs), args.host, args.port, state, args.insecure)
+    deploy.write_connection(_flwr_home(args), f"{args.host}:{args.port}", Path(args.certs), args.insecure)
+    print("starting: " + " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, deploy._env())
+
+
+def _client(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    cmd = deploy.client_command(Path(args.site), args.superlink, Path(args.certs), args.port, args.insecure)
+    print("starting: " + " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, deploy._env())
+
+
+def _register(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    for cmd in deploy.register_commands(Path(args.certs), [Path(s) for s in args.sites]):
+        res = deploy.run(cmd, _flwr_home(args), timeout=120)
+        print((res.stdout + res.stderr).strip())
+        if res.returncode:
+            raise SystemExit(res.returncode)
+
+
+def _launch(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    cmd = deploy.launch_command(Path(args.config), Path(args.run_dir), args.profile)
+    env = deploy._env()
+    env["FLWR_HOME"] = str(_flwr_home(args))
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
 def _verify(args: argparse.Namespace) -> None:
     from common.security.signing import VerificationError, verify_release
 
@@ -130,6 +174,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", action="append", help="SuperLink host name or IP for its certificate (repeatable)")
     p.add_argument("--force", action="store_true", help="regenerate files that already exist")
     p.set_defaults(func=_certs)
+
+    p = sub.add_parser("server", help="coordinator: start the SuperLink (TLS and SuperNode authentication on)")
+    p.add_argument("--certs", default="certs", help="folder made by `fedsynth certs`")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--state", default="~/.fedsynth/superlink", help="where the SuperLink keeps its database")
+    p.add_argument("--flwr-home", default=None, help="where the coordinator's Flower connection is written (default $FLWR_HOME or ~/.flwr)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only; warns)")
+    p.set_defaults(func=_server)
+
+    p = sub.add_parser("register", help="coordinator: register sites' public keys with the SuperLink")
+    p.add_argument("--certs", default="certs")
+    p.add_argument("--sites", nargs="+", required=True, help="site YAMLs whose keys to register")
+    p.add_argument("--flwr-home", default=None)
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser("launch", help="coordinator: start a federated run on the SuperLink (flwr run)")
+    p.add_argument("config", help="simulation YAML that names the sites and settings")
+    p.add_argument("--run-dir", required=True, help="where the server writes checkpoints, ledger and release")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--flwr-home", default=None)
+    p.set_defaults(func=_launch)
+
+    p = sub.add_parser("client", help="hospital: start this site's SuperNode against the SuperLink")
+    p.add_argument("--site", required=True, help="this hospital's site YAML")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--certs", default="certs", help="folder with ca.crt and sites/<site>.key")
+    p.add_argument("--port", type=int, default=9094, help="local port for the SuperNode's own API")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only; warns)")
+    p.set_defaults(func=_client)
 
     p = sub.add_parser("verify", help="check a synthetic release's signature and every file it lists")
     p.add_argument("release", help="a release folder (runs/<run>/synthetic) or a run folder")
