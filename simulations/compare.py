@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, _read_yaml, load_run
+from common.config import ConfigError, read_yaml, load_run
 from common.reporting.figures import image_grid
-from common.reporting.report import _fmt, _table
+from common.reporting.report import fmt, html_table
 from common.runtime import versions, write_json
 from server.synthesis import load_synthetic
 
@@ -51,7 +51,7 @@ def row(label: str, report: dict) -> dict:
 def compare(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
     start = time.time()
     path = Path(config).resolve()
-    spec = _read_yaml(path)
+    spec = read_yaml(path)
     for key in ("base", "models"):
         if key not in spec:
             raise ConfigError(f"{path}: {key}: required")
@@ -73,7 +73,7 @@ def compare(config: str, profile: str = "quick", output_dir: str | None = None) 
     result = {"name": spec.get("name", "compare"), "profile": profile, "base": str(base), "wall_time_s": time.time() - start,
               "rows": rows, "columns": dict(COLUMNS), "versions": versions()}
     write_json(out / "report.json", result)
-    table = _table([{title: r[key] for key, title in COLUMNS} for r in rows], [title for _, title in COLUMNS])
+    table = html_table([{title: r[key] for key, title in COLUMNS} for r in rows], [title for _, title in COLUMNS])
     imgs = "".join(f"<div><img src='{uri}'></div>" for _, uri in grids)
     (out / "report.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>fedsynth compare</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
@@ -83,7 +83,7 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f
 ε max is n/a for a non-private baseline. Definitions: docs/metrics.md.</p>{table}<h2>Samples</h2>{imgs}</body></html>""")
     console.rule("[bold]Comparison")
     for r in rows:
-        console.print("  ".join(f"{k}={_fmt(r[k]) if not isinstance(r[k], bool) else r[k]}" for k, _ in COLUMNS))
+        console.print("  ".join(f"{k}={fmt(r[k]) if not isinstance(r[k], bool) else r[k]}" for k, _ in COLUMNS))
     console.print(f"Reports: {out / 'report.json'} and {out / 'report.html'}")
     return out
 

@@ -23,37 +23,17 @@ import torch
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
-from pydantic import Field
-from pydantic.dataclasses import dataclass
 
 from client.trainer import train_round
-from common.config import _STRICT, ClassifierConfig, ModelConfig, RunConfig, TrainingConfig, _read_yaml, _validate, load_site
+from common.config import ClassifierConfig, ModelConfig, RunConfig, load_mask_demo, load_site
 from common.data import SiteData
 from common.data.ingest import ingest_site
 from common.models.generators import build_generator
 from common.reporting.figures import image_grid
-from common.reporting.report import _table
+from common.reporting.report import html_table
 from common.runtime import pick_device, seed_everything, versions, write_json
 
 from .simulate import console
-
-
-@dataclass(config=_STRICT)
-class SamplingConfig:
-    ddim_steps: int = Field(20, ge=1)
-
-
-@dataclass(config=_STRICT)
-class MaskDemoConfig:
-    name: str
-    site: str
-    model: ModelConfig
-    training: TrainingConfig
-    segmentation: ClassifierConfig
-    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
-    seed: int = 0
-    output_dir: str = "runs"
-    holdout_fraction: float = Field(0.3, gt=0, lt=1)
 
 
 def mask_contrast(images: torch.Tensor, masks: torch.Tensor) -> float:
@@ -100,12 +80,7 @@ def train_generator(run: RunConfig, data: SiteData, state: Path, device) -> dict
 def mask_demo(config: str, output_dir: str | None = None, overrides: dict | None = None) -> tuple[Path, dict]:
     start = time.time()
     path = Path(config).resolve()
-    raw = _read_yaml(path)
-    if overrides:
-        from common.config import _deep_merge
-
-        raw = _deep_merge(raw, overrides)
-    cfg: MaskDemoConfig = _validate(MaskDemoConfig, raw, path)
+    cfg = load_mask_demo(path, overrides)
     device = pick_device()
     out = Path(output_dir or cfg.output_dir).expanduser().resolve() / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True)
@@ -158,7 +133,7 @@ def mask_demo(config: str, output_dir: str | None = None, overrides: dict | None
     rows = [{"figure": f"mask contrast: {k}", "value": v} for k, v in follow.items()] + [{"figure": f"Dice: {k}", "value": v} for k, v in dices.items()]
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>fedsynth mask demo</title></head><body style='font-family:sans-serif'>"
-        f"<h1>Mask-conditioned DDPM on {site.name}</h1>{_table(rows, ['figure', 'value'])}"
+        f"<h1>Mask-conditioned DDPM on {site.name}</h1>{html_table(rows, ['figure', 'value'])}"
         + "".join(f"<div><img src='{g}'></div>" for g in grids) + "</body></html>"
     )
     console.print(f"mask contrast {follow} | Dice {dices} | {report['wall_time_s']:.0f} s -> {out}")

@@ -19,7 +19,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid")
+STRICT = ConfigDict(extra="forbid")
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------- sites
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class PreprocessConfig:
     """How hospital scans become model-ready 2D images (see docs/ingestion.md)."""
 
@@ -43,7 +43,7 @@ class PreprocessConfig:
     mask_threshold: float = 0.0  # mask = voxel > threshold (e.g. 127 for a 0-255 probability map)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SourceConfig:
     """Where a site's images come from. Relative paths are relative to the site YAML."""
 
@@ -65,7 +65,7 @@ class SourceConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class AcquisitionConfig:
     """A deterministic scanner profile applied to intensities in [0, 1]."""
 
@@ -77,13 +77,13 @@ class AcquisitionConfig:
     seed: int = 0
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class PrivacyBudget:
     epsilon: float = Field(gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SiteConfig:
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     role: Literal["train", "external"] = "train"
@@ -100,14 +100,14 @@ class SiteConfig:
 
 
 # ------------------------------------------------------------------ the run
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class PartitionConfig:
     # Dirichlet concentration of the label skew; smaller means more skewed.
     alpha: float = Field(2.0, gt=0)
     min_per_class: int = Field(20, ge=1)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ModelConfig:
     name: Literal["ddpm", "vae", "gan"] = "ddpm"
     image_size: int = Field(32, ge=8)
@@ -126,7 +126,7 @@ class ModelConfig:
     kl_weight: float = Field(1.0, ge=0)  # VAE
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrainingConfig:
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(10, ge=1)
@@ -146,7 +146,7 @@ class TrainingConfig:
     threads_per_client: int = Field(1, ge=1)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class FederationConfig:
     min_train_nodes: int = Field(2, ge=1)
     # Pause after this round (a maintenance window); running again on the same run folder
@@ -160,7 +160,7 @@ class FederationConfig:
     timeout_s: float = Field(3600.0, gt=0)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SynthesisConfig:
     num_images: int = Field(1000, ge=1)
     ddim_steps: int = Field(20, ge=1)
@@ -172,7 +172,7 @@ class SynthesisConfig:
     signing_key: str = ".keys/release_signing.pem"
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ClassifierConfig:
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -180,7 +180,7 @@ class ClassifierConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class FidelityConfig:
     # "random-convnet": a fixed, seeded MONAI network (offline, documented in
     # docs/metrics.md). "inception": the standard TorchScript Inception-v3 at
@@ -193,20 +193,20 @@ class FidelityConfig:
     msssim_pairs: int = Field(200, ge=2)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class AttackConfig:
     max_images: int = Field(300, ge=10)
     reid_quantile: float = Field(0.01, gt=0, lt=0.5)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class FUPWeights:
     fidelity: float = Field(1.0, ge=0)
     utility: float = Field(1.0, ge=0)
     privacy: float = Field(1.0, ge=0)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class EvaluationConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
@@ -214,7 +214,7 @@ class EvaluationConfig:
     fup_weights: FUPWeights = field(default_factory=FUPWeights)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class RunConfig:
     name: str
     sites: list[SiteConfig]
@@ -255,7 +255,7 @@ def site_state_dir(site: SiteConfig) -> Path:
 
 
 # ------------------------------------------------------------------ loaders
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
@@ -267,7 +267,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _validate(cls: type, data: dict[str, Any], path: Path):
+def validate(cls: type, data: dict[str, Any], path: Path):
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as exc:
@@ -275,11 +275,11 @@ def _validate(cls: type, data: dict[str, Any], path: Path):
         raise ConfigError(f"{path}: " + "; ".join(lines)) from None
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -287,9 +287,9 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def load_site(path: str | os.PathLike) -> SiteConfig:
     path = Path(path).resolve()
-    data = _read_yaml(path)
+    data = read_yaml(path)
     data["origin"] = str(path)
-    site = _validate(SiteConfig, data, path)
+    site = validate(SiteConfig, data, path)
     if site.role == "train" and site.privacy is None:
         raise ConfigError(f"{path}: privacy: a training site needs an (epsilon, delta) budget")
     if site.source.kind != "medmnist" and not (site.source.root and site.source.labels_csv):
@@ -303,21 +303,21 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     Site paths are relative to the simulation file.
     """
     path = Path(path).resolve()
-    data = _read_yaml(path)
+    data = read_yaml(path)
     profiles = data.pop("profiles", {}) or {}
     if profile != "quick":
         if profile not in profiles:
             raise ConfigError(f"{path}: profiles: no profile named {profile!r} (have: {sorted(profiles)})")
-        data = _deep_merge(data, profiles[profile])
+        data = deep_merge(data, profiles[profile])
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     site_paths = data.get("sites")
     if not isinstance(site_paths, list) or not site_paths:
         raise ConfigError(f"{path}: sites: expected a non-empty list of site YAML paths")
     data["sites"] = [load_site(path.parent / p) for p in site_paths]
     data["origin"] = str(path)
     data["profile"] = profile
-    run = _validate(RunConfig, data, path)
+    run = validate(RunConfig, data, path)
     names = [s.name for s in run.sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: sites: duplicate site names {names}")
@@ -331,6 +331,34 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     return run
 
 
+@dataclass(config=STRICT)
+class SamplingConfig:
+    ddim_steps: int = Field(20, ge=1)
+
+
+@dataclass(config=STRICT)
+class MaskDemoConfig:
+    """``fedsynth mask-demo``: a mask-conditioned DDPM on one ingested site (simulations/mask.yaml)."""
+
+    name: str
+    site: str  # a site YAML, relative to this file
+    model: ModelConfig
+    training: TrainingConfig
+    segmentation: ClassifierConfig
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+    holdout_fraction: float = Field(0.3, gt=0, lt=1)
+
+
+def load_mask_demo(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MaskDemoConfig:
+    path = Path(path).resolve()
+    data = read_yaml(path)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return validate(MaskDemoConfig, data, path)
+
+
 def run_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from ``to_dict()`` output (e.g. a run's saved config.json)."""
-    return _validate(RunConfig, data, Path(data.get("origin") or "<dict>"))
+    return validate(RunConfig, data, Path(data.get("origin") or "<dict>"))

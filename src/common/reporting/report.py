@@ -17,7 +17,7 @@ def write_reports(report: dict, previews: dict, history: dict, run_dir: Path) ->
     return run_dir / "report.json", path
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -25,9 +25,9 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
+def html_table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -60,7 +60,7 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
     budgets = {f"budget of {', '.join(names)}": b for b, names in by_budget.items()}
     eps = line_plot(_per_site_series(history["train"], "epsilon"), "ε spent per round per site", "round", "ε", budgets)
 
-    headline_rows = [{"figure": k, "value": v if not isinstance(v, dict) else ", ".join(f"{s}: {_fmt(e)}" for s, e in v.items())} for k, v in h.items()]
+    headline_rows = [{"figure": k, "value": v if not isinstance(v, dict) else ", ".join(f"{s}: {fmt(e)}" for s, e in v.items())} for k, v in h.items()]
     util_rows = []
     for name, s in util["sites"].items():
         for way in ("real_only", "hybrid"):
@@ -83,17 +83,17 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}.pair img{{margin-right:1em}}</style></head><body>
 <h1>fedsynth report: {html.escape(run['name'])}</h1>
-<p>Profile <b>{html.escape(run['profile'])}</b>, seed {run['seed']}, {run['rounds']} rounds, wall time {_fmt(run['wall_time_s'])} s. Config and versions are in report.json.</p>
-<h2>Headline</h2>{_table(headline_rows, ['figure', 'value'])}
+<p>Profile <b>{html.escape(run['profile'])}</b>, seed {run['seed']}, {run['rounds']} rounds, wall time {fmt(run['wall_time_s'])} s. Config and versions are in report.json.</p>
+<h2>Headline</h2>{html_table(headline_rows, ['figure', 'value'])}
 <h2>FUP score: {fup['fup']:.1f} / 100</h2>
-{_table([fup], ['fidelity', 'utility', 'privacy', 'fup'])}<p>Definitions: docs/metrics.md.</p>
+{html_table([fup], ['fidelity', 'utility', 'privacy', 'fup'])}<p>Definitions: docs/metrics.md.</p>
 <h2>Samples: real (held-out) vs synthetic, per class</h2>{grids}
 <h2>Training</h2><img src="{loss}"><img src="{eps}">
 <h2>Fidelity</h2><p>Extractor: {html.escape(fid['extractor']['name'])}, {fid['num_images']} images per side.
 MS-SSIM within class (lower = more diverse): synthetic {fid['msssim_synthetic']:.3f}, real {fid['msssim_real']:.3f}.</p>
-{_table(fid_rows, ['against', 'fid', 'kid'])}
+{html_table(fid_rows, ['against', 'fid', 'kid'])}
 <h2>Utility (downstream classifier)</h2>
 <p>Mean AUC gain of hybrid over real-only: internal {util['auc_gain_internal']:+.4f}, external {util['auc_gain_external']:+.4f}.</p>
-{_table(util_rows, ucols)}
-<h2>Privacy</h2>{_table(priv_rows, pcols)}
+{html_table(util_rows, ucols)}
+<h2>Privacy</h2>{html_table(priv_rows, pcols)}
 </body></html>"""
