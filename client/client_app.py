@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from common.appconfig import run_from_context
-from common.config import ConfigError, RunConfig, SiteConfig, load_site
+from common.config import ConfigError, RunConfig, SiteConfig, load_site, site_state_dir
 from common.data import load_site as load_site_data
 from common.privacy import BudgetExceeded
 from common.runtime import pick_device
@@ -35,8 +35,10 @@ def resolve_site(run: RunConfig, context: Context) -> SiteConfig:
 
 
 def state_dir(site: SiteConfig, config: ConfigRecord) -> Path:
+    """The site's own state folder when its YAML names one (a deployed node); else, in a
+    simulation, a folder per site inside the run."""
     if site.state_dir:
-        return Path(site.state_dir).expanduser()
+        return site_state_dir(site)
     return Path(str(config["run-dir"])) / "clients" / site.name
 
 

@@ -37,9 +37,6 @@ class ServerLedger:
         self.sites.setdefault(site, []).append(entry)
         write_json(self.path, self.summary())
 
-    def latest(self, site: str) -> dict:
-        return self.sites[site][-1]
-
     def summary(self) -> dict:
         return {
             site: {

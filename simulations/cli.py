@@ -36,15 +36,10 @@ def _mask_demo(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from common.config import run_from_dict
-
-    from .simulate import evaluate_run
-
-    import json
+    from .simulate import evaluate_run, load_run_dir
 
     run_dir = Path(args.run_dir).resolve()
-    run = run_from_dict(json.loads((run_dir / "config.json").read_text()))
-    evaluate_run(run, run_dir)
+    evaluate_run(load_run_dir(run_dir), run_dir)
     print(f"wrote {run_dir / 'report.json'} and {run_dir / 'report.html'}")
 
 
@@ -115,9 +110,7 @@ def _launch(args: argparse.Namespace) -> None:
     from . import deploy
 
     cmd = deploy.launch_command(Path(args.config), Path(args.run_dir), args.profile)
-    env = deploy._env()
-    env["FLWR_HOME"] = str(_flwr_home(args))
-    raise SystemExit(subprocess.call(cmd, env=env))
+    raise SystemExit(subprocess.call(cmd, env=deploy._env(_flwr_home(args))))
 
 
 def _verify(args: argparse.Namespace) -> None:

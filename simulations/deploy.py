@@ -30,10 +30,12 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def _env() -> dict[str, str]:
+def _env(flwr_home: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # never pull a CUDA torch at run time
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
     return env
 
 
@@ -89,15 +91,9 @@ def launch_command(config: Path, run_dir: Path, profile: str = "quick") -> list[
 
 def start(cmd: list[str], log: Path, flwr_home: Path | None = None) -> subprocess.Popen:
     """Start a long-running Flower process in its own process group, logging to ``log``."""
-    env = _env()
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(flwr_home), start_new_session=True)
 
 
 def run(cmd: list[str], flwr_home: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-    env = _env()
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=timeout)

@@ -60,9 +60,6 @@ def run_federation(run: RunConfig, run_dir: Path) -> None:
         num_supernodes=len(run.training_sites),
         backend_config=backend_config,
     )
-    paused = run.federation.stop_after_round and run.federation.stop_after_round < run.training.rounds
-    if not paused and not (run_dir / "synthetic" / "synthetic.npz").exists():
-        raise RuntimeError(f"federation finished without a synthetic release in {run_dir}; see the log above")
 
 
 def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None) -> dict:
@@ -98,7 +95,10 @@ def simulate_run(run: RunConfig, run_dir: Path) -> dict:
     console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} steps, then sampling")
     run_federation(run, run_dir)
     if not (run_dir / "synthetic" / "synthetic.npz").exists():
-        console.print(f"Paused after round {run.federation.stop_after_round}; resume with: fedsynth simulate --resume {run_dir}")
+        stop = run.federation.stop_after_round
+        if not stop or stop >= run.training.rounds:
+            raise RuntimeError(f"federation finished without a synthetic release in {run_dir}; see the log above")
+        console.print(f"Paused after round {stop}; resume with: fedsynth simulate --resume {run_dir}")
         return {}
     console.print(f"[2/2] Evaluating the release ({time.time() - start:.0f} s so far)")
     report = evaluate_run(run, run_dir, start)
@@ -119,10 +119,15 @@ def simulate(config: str, profile: str = "quick", output_dir: str | None = None)
     return run_dir
 
 
+def load_run_dir(run_dir: Path) -> RunConfig:
+    """The configuration a run folder was made with."""
+    return run_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
 def resume(run_dir: str | Path) -> Path:
     """Continue a paused or interrupted run from its last checkpoint, with its own config."""
     run_dir = Path(run_dir).resolve()
-    run = run_from_dict(json.loads((run_dir / "config.json").read_text()))
+    run = load_run_dir(run_dir)
     run = dataclasses.replace(run, federation=dataclasses.replace(run.federation, stop_after_round=None))
     simulate_run(run, run_dir)
     return run_dir

@@ -31,6 +31,3 @@ def apply_profile(images: torch.Tensor, profile: AcquisitionConfig) -> torch.Ten
     return x.clamp(0.0, 1.0).float()
 
 
-def describe(profile: AcquisitionConfig) -> dict[str, float]:
-    return {k: float(v) for k, v in vars(profile).items() if isinstance(v, (int, float))}
-

@@ -28,15 +28,6 @@ from .pseudonym import Pseudonymiser
 from .readers import ScanError, find_dicom_series, list_scans, read_dicom_series, read_image
 
 CACHE_VERSION = 1
-REASONS = (
-    "unreadable",
-    "wrong_dimensionality",
-    "non_finite",
-    "empty_or_constant",
-    "mask_geometry_mismatch",
-    "label_missing",
-    "duplicate",
-)
 
 
 @dataclass

@@ -8,7 +8,6 @@ Resolution order for a site's file:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SourceConfig
+from ..runtime import file_digest
 
 # Official MedMNIST v2/v3 release files (Zenodo record 10519652) and their MD5s
 # as published in the ``medmnist`` package's INFO table.
@@ -33,14 +33,6 @@ class DataError(ValueError):
     """A dataset file is missing, corrupt or lacks the expected arrays."""
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(url: str, dest: Path, md5: str | None) -> Path:
     """Download ``url`` to ``dest`` and check its MD5 (when known); a mismatch leaves nothing behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +41,7 @@ def download(url: str, dest: Path, md5: str | None) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
             shutil.copyfileobj(resp, out)
-        got = _md5(Path(tmp))
+        got = file_digest(tmp, "md5")
         if md5 is not None and got != md5:
             raise DataError(f"{url}: MD5 mismatch (expected {md5}, got {got}); download discarded")
         os.replace(tmp, dest)

@@ -7,7 +7,6 @@ returned, logged or stored.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import nibabel as nib
@@ -109,9 +108,3 @@ def _first_line(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[-1][:300] if lines else type(exc).__name__
 
-
-def group_by(items, key) -> dict:
-    out = defaultdict(list)
-    for it in items:
-        out[key(it)].append(it)
-    return out

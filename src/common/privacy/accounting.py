@@ -20,10 +20,6 @@ class DPPlan:
     delta: float
     accountant: str
 
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_round * self.rounds
-
 
 def calibrate(
     epsilon: float,
