@@ -19,6 +19,7 @@ from common.data import load_site as load_site_data
 from common.privacy import BudgetExceeded
 from common.runtime import pick_device
 
+from . import secure_aggregation
 from .checks import check_site_data
 from .trainer import heldout_loss, ledger_for, train_round
 
@@ -46,15 +47,19 @@ def _metrics(values: dict[str, float]) -> MetricRecord:
     return MetricRecord({k.replace("_", "-"): float(v) for k, v in values.items()})
 
 
-def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = False) -> ClientApp:
+def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = False, mods: list | None = None) -> ClientApp:
     """``simulation=True`` only from ``fedsynth simulate``: the one place a non-private
-    baseline (``training.dp: false``) may train. A deployed node always refuses it."""
-    app = ClientApp()
+    baseline (``training.dp: false``) may train. A deployed node always refuses it.
+    The secure-aggregation mods act only in a SecAgg+ run; ``mods`` are extra Flower mods."""
+    app = ClientApp(mods=[*secure_aggregation.MODS, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run = get_run(context)
         site = resolve_site(run, context)
+        if site.role == "external":  # an evaluation-only hospital: its images never train
+            info = ConfigRecord({"site": site.name, "reason": "evaluation-only site (role: external)"})
+            return Message(RecordDict({"metrics": _metrics({"evaluation_only": 1}), "site": info}), reply_to=msg)
         config = msg.content["config"]
         data = load_site_data(run, site)
         check_site_data(data)

@@ -6,7 +6,7 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -15,6 +15,7 @@ from common.models.generators import build_generator
 from common.runtime import seed_everything, versions, write_json
 
 from .ledger import ServerLedger
+from .secure_aggregation import run_secure_rounds
 from .strategy import LedgerFedAvg
 from .synthesis import signing_key_path, synthesize
 
@@ -24,11 +25,12 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
     return torch.load(found[-1], map_location="cpu") if found else None
 
 
-def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict | None:
+def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dict | None:
     """Run ``training.rounds`` rounds of FedAvg, save the global model, sample the release.
 
     A run folder with checkpoints is resumed from its last round, not started over.
-    Returns None when paused by ``federation.stop_after_round``.
+    Returns None when paused by ``federation.stop_after_round``. With
+    ``federation.secure_aggregation.enabled`` each round's sum is computed under SecAgg+.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
@@ -56,7 +58,9 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path) -> dict | None:
     )
     strategy.ema = ema
     arrays = ArrayRecord(initial)
-    if last > done:
+    if last > done and run.federation.secure_aggregation.enabled:
+        arrays = run_secure_rounds(grid, context, strategy, arrays, last - done, run)
+    elif last > done:
         result = strategy.start(
             grid=grid,
             initial_arrays=arrays,

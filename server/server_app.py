@@ -20,7 +20,7 @@ def make_server_app(get_run: Callable[[Context], RunConfig], get_run_dir: Callab
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run = get_run(context)
-        federate(grid, run, get_run_dir(context, run))
+        federate(grid, run, get_run_dir(context, run), context)
 
     return app
 

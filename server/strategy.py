@@ -25,12 +25,15 @@ def ema_update(ema: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]
     return {k: (decay * ema[k] + (1 - decay) * v) if v.is_floating_point() else v.clone() for k, v in new.items()}
 
 
-def mean_train_loss(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+def weighted_train_loss(metrics: list, weighted_by_key: str) -> dict[str, float]:
     """Example-weighted mean of ``train-loss``; per-site ε is kept in the ledger, not averaged."""
-    metrics = [next(iter(r.metric_records.values())) for r in replies]
     total = sum(float(m[weighted_by_key]) for m in metrics)
     loss = sum(float(m["train-loss"]) * float(m[weighted_by_key]) for m in metrics) / max(total, 1e-12)
-    return MetricRecord({"train-loss": loss, weighted_by_key: total})
+    return {"train-loss": loss, weighted_by_key: total}
+
+
+def mean_train_loss(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    return MetricRecord(weighted_train_loss([next(iter(r.metric_records.values())) for r in replies], weighted_by_key))
 
 
 class LedgerFedAvg(FedAvg):
@@ -39,7 +42,9 @@ class LedgerFedAvg(FedAvg):
     * replies with ``declined = 1`` (a site at its ε budget) are logged and left
       out of the average instead of failing the round;
     * every reply's ε is written to the server ledger;
-    * the aggregate is checkpointed to ``run_dir/checkpoints`` every round.
+    * the aggregate is checkpointed to ``run_dir/checkpoints`` every round;
+    * a node that answers ``evaluation-only`` (an external hospital) is asked
+      only to evaluate from then on.
     """
 
     def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0, **kwargs):
@@ -56,10 +61,12 @@ class LedgerFedAvg(FedAvg):
         if (run_dir / "history.json").exists():
             self.history = {**self.history, **json.loads((run_dir / "history.json").read_text())}
         self.label_counts: dict[str, list[int]] = self.history["label_counts"]
+        self.evaluation_only: dict[int, str] = {}  # node id -> site
 
     def configure_train(self, server_round, arrays, config, grid):
         self.current = arrays.to_torch_state_dict()  # what every update must match
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        msgs = super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        return [m for m in msgs if m.metadata.dst_node_id not in self.evaluation_only]
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -71,40 +78,56 @@ class LedgerFedAvg(FedAvg):
             if msg.has_error():
                 accepted.append(msg)  # FedAvg logs and drops it
                 continue
-            site = str(msg.content["site"]["site"])
-            metrics = dict(msg.content["metrics"])
-            reason = str(msg.content["site"]["reason"])
-            if not metrics.get("declined"):
-                try:  # a malformed update is never averaged in
-                    check_weights(msg.content["arrays"].to_torch_state_dict(), self.current, f"update from {site}")
-                except (CheckFailed, KeyError) as exc:
-                    log(WARNING, "Rejected round %d update: %s", server_round, exc)
-                    self.ledger.record(site, server_round, metrics, f"update rejected: {exc}", rejected=True)
-                    continue
-            self.ledger.record(site, server_round, metrics, reason)
-            if metrics.get("declined"):
-                log(WARNING, "Site %s declined round %d: %s", site, server_round, reason)
-                continue
-            self.label_counts[site] = [int(metrics[k]) for k in sorted(metrics) if k.startswith("label-count-")]
-            self.history["train"].append({"round": server_round, "site": site, **metrics})
-            log(INFO, "Site %s: loss %.4f, epsilon %.3f", site, metrics["train-loss"], metrics.get("epsilon", float("nan")))
-            accepted.append(msg)
+            content = msg.content
+            update = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
+            site, reason = str(content["site"]["site"]), str(content["site"]["reason"])
+            if self.admit(server_round, msg.metadata.src_node_id, site, dict(content["metrics"]), reason, update):
+                accepted.append(msg)
         arrays, metrics = super().aggregate_train(server_round, accepted)
+        self.finish_round(server_round, arrays)
+        return arrays, metrics
+
+    def admit(self, server_round: int, node_id: int, site: str, metrics: dict, reason: str, update: dict | None) -> bool:
+        """Ledger and history for one site's reply; True when its update may be averaged in.
+
+        ``update`` is None under secure aggregation: the server never sees it.
+        """
+        if metrics.get("evaluation-only"):
+            log(INFO, "Site %s takes part in evaluation only", site)
+            self.evaluation_only[node_id] = site
+            return False
+        if not metrics.get("declined") and update is not None:
+            try:  # a malformed update is never averaged in
+                check_weights(update, self.current, f"update from {site}")
+            except (CheckFailed, KeyError) as exc:
+                log(WARNING, "Rejected round %d update: %s", server_round, exc)
+                self.ledger.record(site, server_round, metrics, f"update rejected: {exc}", rejected=True)
+                return False
+        self.ledger.record(site, server_round, metrics, reason)
+        if metrics.get("declined"):
+            log(WARNING, "Site %s declined round %d: %s", site, server_round, reason)
+            return False
+        self.label_counts[site] = [int(metrics[k]) for k in sorted(metrics) if k.startswith("label-count-")]
+        self.history["train"].append({"round": server_round, "site": site, **metrics})
+        log(INFO, "Site %s: loss %.4f, epsilon %.3f", site, metrics["train-loss"], metrics.get("epsilon", float("nan")))
+        return True
+
+    def finish_round(self, server_round: int, arrays: ArrayRecord | None) -> None:
         if arrays is not None:
             self.update_ema(arrays)
             self.checkpoint(server_round, arrays)
         self._save_history()
-        return arrays, metrics
+
+    def record_evaluation(self, server_round: int, site: str, metrics: dict) -> None:
+        self.history["evaluate"].append({"round": server_round, "site": site, **metrics})
+        self._save_history()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
         for msg in replies:
             if not msg.has_error():
-                self.history["evaluate"].append(
-                    {"round": server_round, "site": str(msg.content["site"]["site"]), **dict(msg.content["metrics"])}
-                )
-        self._save_history()
+                self.record_evaluation(server_round, str(msg.content["site"]["site"]), dict(msg.content["metrics"]))
         return super().aggregate_evaluate(server_round, replies)
 
     def update_ema(self, arrays: ArrayRecord) -> None:

@@ -147,6 +147,22 @@ class TrainingConfig:
 
 
 @dataclass(config=STRICT)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ (Bell et al. 2020): the server sees only the sum of the masked updates."""
+
+    enabled: bool = False
+    # Share of a node's neighbours (as a fraction of the sampled nodes) needed to rebuild the
+    # masks of a node that drops out; at least 2 nodes. Higher = more private, less dropout-tolerant.
+    reconstruction_threshold: float = Field(0.5, gt=0, le=1)
+    # Weights (times the node's example share) are clipped to +-clipping_range and quantized to
+    # quantization_range levels before masking; a node refuses to send weights outside the range.
+    clipping_range: float = Field(8.0, gt=0)
+    quantization_range: int = Field(2**22, ge=2**8, le=2**24)
+    # Updates are weighted by min(examples, max_weight) / max_weight, as FedAvg weights by examples.
+    max_weight: float = Field(10_000.0, gt=0)
+
+
+@dataclass(config=STRICT)
 class FederationConfig:
     min_train_nodes: int = Field(2, ge=1)
     # Pause after this round (a maintenance window); running again on the same run folder
@@ -158,6 +174,7 @@ class FederationConfig:
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
 @dataclass(config=STRICT)
@@ -327,6 +344,11 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
         raise ConfigError(
             f"{path}: federation.min_train_nodes={run.federation.min_train_nodes} exceeds "
             f"the {len(run.training_sites)} training sites"
+        )
+    if run.federation.secure_aggregation.enabled and run.federation.min_train_nodes < 2:
+        raise ConfigError(
+            f"{path}: federation.secure_aggregation needs federation.min_train_nodes >= 2 "
+            "(the sum of one update is that update)"
         )
     return run
 
