@@ -35,9 +35,12 @@ def resolve_site(run: RunConfig, context: Context) -> SiteConfig:
     return sites[int(node["partition-id"])]
 
 
-def state_dir(site: SiteConfig, config: ConfigRecord) -> Path:
-    """The site's own state folder when its YAML names one (a deployed node); else, in a
-    simulation, a folder per site inside the run."""
+def state_dir(site: SiteConfig, config: ConfigRecord, node: dict) -> Path:
+    """Where the site's privacy ledger lives. A deployed node: the folder its operator chose
+    (``fedsynth client --state-dir``, default the site's own state folder), the same for every
+    run, so the ε budget spans all runs. A simulated site: a folder per site inside the run."""
+    if "state-dir" in node:
+        return Path(str(node["state-dir"]))
     if site.state_dir:
         return site_state_dir(site)
     return Path(str(config["run-dir"])) / "clients" / site.name
@@ -63,7 +66,7 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
         config = msg.content["config"]
         data = load_site_data(run, site)
         check_site_data(data)
-        where = state_dir(site, config)
+        where = state_dir(site, config, context.node_config)
         info = ConfigRecord({"site": site.name, "reason": ""})
         try:
             if not run.training.dp and not simulation:

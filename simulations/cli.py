@@ -91,7 +91,8 @@ def _server(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace) -> None:
     from . import deploy
 
-    cmd = deploy.client_command(Path(args.site), args.superlink, Path(args.certs), args.port, args.insecure)
+    state = Path(args.state_dir) if args.state_dir else None
+    cmd = deploy.client_command(Path(args.site), args.superlink, Path(args.certs), args.port, args.insecure, state)
     print("starting: " + " ".join(cmd), flush=True)
     os.execvpe(cmd[0], cmd, deploy._env())
 
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     p.add_argument("--certs", default="certs", help="folder with ca.crt and sites/<site>.key")
     p.add_argument("--port", type=int, default=9094, help="local port for the SuperNode's own API")
+    p.add_argument("--state-dir", help="where this node keeps its privacy ledger (default: the site's state_dir)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only; warns)")
     p.set_defaults(func=_client)
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from common.appconfig import REPO_ROOT
-from common.config import load_site
+from common.config import load_site, site_state_dir
+from common.security.certs import make_certs
 
 DEFAULT_PORT = 8000
 
@@ -56,10 +60,14 @@ def server_command(certs: Path | None, host: str, port: int, state: Path, insecu
                   "--ssl-keyfile", str(certs / "superlink.key"), "--enable-supernode-auth"]
 
 
-def client_command(site_yaml: Path, superlink: str, certs: Path | None, port: int, insecure: bool = False) -> list[str]:
+def client_command(site_yaml: Path, superlink: str, certs: Path | None, port: int, insecure: bool = False,
+                   state_dir: Path | None = None) -> list[str]:
+    """A hospital's SuperNode. ``state_dir`` (default: the site's own state folder) keeps its
+    privacy ledger across runs: the ε budget is the site's, not one run's."""
     site = load_site(site_yaml)  # fails early, naming the file, on a bad site YAML
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", f"site-config='{Path(site.origin).resolve()}'"]
+    state = Path(state_dir or site_state_dir(site)).expanduser().resolve()
+    node_config = f"site-config='{Path(site.origin).resolve()}' state-dir='{state}'"
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
     if insecure:
         warn_insecure(f"SuperNode {site.name}")
         return cmd + ["--insecure"]
@@ -84,9 +92,11 @@ def register_commands(certs: Path, sites: list[Path]) -> list[list[str]]:
     return [[_bin("flwr"), "supernode", "register", str(Path(certs) / "sites" / f"{load_site(s).name}.pub"), "fedsynth"] for s in sites]
 
 
-def launch_command(config: Path, run_dir: Path, profile: str = "quick") -> list[str]:
-    run_config = f"config='{Path(config).resolve()}' run-dir='{Path(run_dir).resolve()}' profile='{profile}'"
-    return [_bin("flwr"), "run", str(REPO_ROOT), "fedsynth", "--run-config", run_config, "--stream"]
+def launch_command(config: Path, run_dir: Path, profile: str = "quick", app: Path = REPO_ROOT, **run_config: str) -> list[str]:
+    """``flwr run`` of ``app`` (fedsynth itself unless a test app is given) with the YAML as run config."""
+    values = {"config": Path(config).resolve(), "run-dir": Path(run_dir).resolve(), "profile": profile, **run_config}
+    overrides = " ".join(f"{k}='{v}'" for k, v in values.items())
+    return [_bin("flwr"), "run", str(app), "fedsynth", "--run-config", overrides, "--stream"]
 
 
 def start(cmd: list[str], log: Path, flwr_home: Path | None = None) -> subprocess.Popen:
@@ -97,3 +107,96 @@ def start(cmd: list[str], log: Path, flwr_home: Path | None = None) -> subproces
 
 def run(cmd: list[str], flwr_home: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------ a federation on one machine
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError(what)
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(p.pid, sig)
+        p.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+class LocalFederation:
+    """One SuperLink (TLS, node authentication) and one SuperNode per site YAML, all on
+    127.0.0.1: ``fedsynth local`` and the deployment tests. Every process is started in its
+    own process group and stopped by pid group, with the apps Flower spawns."""
+
+    def __init__(self, tmp: Path, sites: list[Path]):
+        self.tmp, self.sites = tmp, {load_site(s).name: s for s in sites}
+        self.certs, self.home = tmp / "certs", tmp / "flwr"
+        make_certs(self.certs, list(self.sites), ["localhost", "127.0.0.1"])
+        self.port = free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        write_connection(self.home, self.superlink, self.certs)
+        self.server: subprocess.Popen | None = None
+        self.nodes: dict[str, subprocess.Popen] = {}
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return run(["flwr", *args], self.home, timeout=timeout)
+
+    def start_superlink(self) -> None:
+        cmd = server_command(self.certs, "127.0.0.1", self.port, self.tmp)
+        self.server = start(cmd, self.tmp / "superlink.log", self.home)
+        wait_for(lambda: self.flwr("supernode", "list", "fedsynth", timeout=30).returncode == 0, 60, "SuperLink did not come up")
+
+    def register(self) -> None:
+        for cmd in register_commands(self.certs, list(self.sites.values())):
+            res = run(cmd, self.home, timeout=60)
+            assert res.returncode == 0 or "already" in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+
+    def start_node(self, site: str) -> None:
+        cmd = client_command(self.sites[site], self.superlink, self.certs, free_port(), state_dir=self.tmp / "state" / site)
+        self.nodes[site] = start(cmd, self.tmp / f"node-{site}.log", self.home)
+
+    def online(self) -> int:
+        return self.flwr("supernode", "list", "fedsynth", timeout=30).stdout.count("online")
+
+    def wait_online(self, n: int, timeout: float = 90) -> None:
+        wait_for(lambda: self.online() >= n, timeout, f"{n} SuperNodes did not come online")
+
+    def up(self) -> LocalFederation:
+        self.start_superlink()
+        self.register()
+        for site in self.sites:
+            self.start_node(site)
+        self.wait_online(len(self.sites))
+        return self
+
+    def kill(self, site: str) -> None:
+        """A crash: SIGKILL the node and the ClientApp it spawned, no goodbye to the SuperLink."""
+        stop(self.nodes.pop(site), signal.SIGKILL)
+
+    def kill_superlink(self) -> None:
+        stop(self.server, signal.SIGKILL)
+        self.server = None
+
+    def launch(self, config: Path, run_dir: Path, log: str = "launch.log", **run_config) -> subprocess.Popen:
+        return start(launch_command(config, run_dir, **run_config), self.tmp / log, self.home)
+
+    def node_log(self, site: str) -> str:
+        return (self.tmp / f"node-{site}.log").read_text(errors="replace")
+
+    def down(self) -> None:
+        for p in [*self.nodes.values(), *([self.server] if self.server else [])]:
+            stop(p)
+        self.nodes, self.server = {}, None

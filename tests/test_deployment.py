@@ -1,106 +1,133 @@
-"""Real deployment on 127.0.0.1: a SuperLink and two SuperNodes as separate processes,
-with TLS and SuperNode authentication, running the tiny federation end to end."""
+"""Real deployment on 127.0.0.1: the demo federation's four hospitals as SuperNode processes
+(three train, the external one only evaluates) behind a SuperLink with TLS and SuperNode
+authentication, and the faults a deployment meets. Processes are stopped by pid group."""
 
 import json
-import os
-import signal
-import socket
-import time
 
 import pytest
 
 from common.security.certs import make_certs
 from common.security.signing import verify_release
 from simulations import deploy
+from simulations.deploy import free_port, stop, wait_for
 
-from .conftest import REPO, TINY
+from .conftest import REPO
 
-SITES = [REPO / "sites" / "hospital_a.yaml", REPO / "sites" / "hospital_c.yaml"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_until_exit(cmd, log, home, timeout: float = 120) -> tuple[int, str]:
-    """Run a process that should give up; its children would hold a pipe open, so log to a file."""
-    p = deploy.start(cmd, log, home)
-    try:
-        rc = p.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return rc, log.read_text(errors="replace")
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(1)
-    raise TimeoutError(what)
+SITES = [REPO / "sites" / f"{s}.yaml" for s in ("hospital_a", "hospital_b", "hospital_c", "external_d")]
+TRAINING = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 5.0}  # ε budgets in the site YAMLs
+CONFIG = REPO / "tests" / "configs" / "deploy.yaml"  # 2 rounds, at least 2 sites per round
+FAULT_APP = REPO / "tests" / "fault-app"  # fedsynth with one node's update replaced by NaN
 
 
 @pytest.fixture(scope="module")
 def federation(shared_data, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deploy")
-    certs, home = tmp / "certs", tmp / "flwr"
-    make_certs(certs, ["hospital_a", "hospital_c"], ["localhost", "127.0.0.1"])
-    port = free_port()
-    superlink = f"127.0.0.1:{port}"
-    deploy.write_connection(home, superlink, certs)
-    procs = []
+    fed = deploy.LocalFederation(tmp_path_factory.mktemp("deploy"), SITES)
     try:
-        procs.append(deploy.start(deploy.server_command(certs, "127.0.0.1", port, tmp), tmp / "superlink.log", home))
-        listed = lambda: deploy.run(["flwr", "supernode", "list", "fedsynth"], home, timeout=30).returncode == 0  # noqa: E731
-        wait_for(listed, 60, "SuperLink did not come up")
-        for cmd in deploy.register_commands(certs, SITES):
-            assert deploy.run(cmd, home, timeout=60).returncode == 0
-        for i, site in enumerate(SITES):
-            procs.append(deploy.start(deploy.client_command(site, superlink, certs, free_port()), tmp / f"node{i}.log", home))
-        online = lambda: deploy.run(["flwr", "supernode", "list", "fedsynth"], home, timeout=30).stdout.count("online") == 2  # noqa: E731
-        wait_for(online, 60, "SuperNodes did not come online")
-        yield tmp, certs, home, superlink
+        yield fed.up()
     finally:
-        for p in procs:  # each started in its own process group: stop it and its children
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=20)
-            except (ProcessLookupError, PermissionError):
-                pass
-            except Exception:
-                os.killpg(p.pid, signal.SIGKILL)
+        fed.down()
 
 
-def test_federation_runs_over_tls_with_authenticated_nodes(federation):
-    tmp, _, home, _ = federation
-    run_dir = tmp / "run"
-    res = deploy.run(deploy.launch_command(TINY, run_dir), home, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
-    assert set(ledger) == {"hospital_a", "hospital_c"}
-    assert ledger["hospital_a"]["rounds_trained"] == 2 and 0 < ledger["hospital_a"]["epsilon"] <= 8.0
-    assert ledger["hospital_c"]["rounds_trained"] == 2 and 0 < ledger["hospital_c"]["epsilon"] <= 5.0
+@pytest.fixture
+def fresh_budgets(federation):
+    """Each test is its own study. A real site keeps one ledger for all runs, so a second
+    run at the same budget would be declined; here every test starts from an unspent one."""
+    for ledger in (federation.tmp / "state").glob("*/privacy_ledger.json"):
+        ledger.unlink()
+    return federation
+
+
+def read(run_dir, name):
+    return json.loads((run_dir / name).read_text())
+
+
+def trained_by_round(run_dir) -> dict[int, list[str]]:
+    rounds: dict[int, list[str]] = {}
+    for entry in read(run_dir, "history.json")["train"]:
+        rounds.setdefault(entry["round"], []).append(entry["site"])
+    return {r: sorted(s) for r, s in rounds.items()}
+
+
+def test_node_killed_mid_round_is_dropped_then_rejoins(fresh_budgets):
+    federation = fresh_budgets
+    run_dir = federation.tmp / "run"
+    launch = federation.launch(CONFIG, run_dir)
+    try:
+        wait_for(lambda: "Receiving: train message" in federation.node_log("hospital_b"), 300, "hospital_b got no work")
+        federation.kill("hospital_b")  # SIGKILL mid-round: no goodbye to the SuperLink
+        wait_for(lambda: (run_dir / "checkpoints" / "round_0001.pt").exists(), 400, "round 1 never completed")
+        federation.start_node("hospital_b")  # same key, same ledger: the hospital comes back
+        assert launch.wait(timeout=600) == 0, (federation.tmp / "launch.log").read_text()[-3000:]
+    finally:
+        stop(launch)
+    assert trained_by_round(run_dir) == {1: ["hospital_a", "hospital_c"], 2: ["hospital_a", "hospital_b", "hospital_c"]}
+    ledger = read(run_dir, "privacy_ledger.json")
+    assert set(ledger) == set(TRAINING)  # the external hospital never trains
+    for site, budget in TRAINING.items():
+        assert 0 < ledger[site]["epsilon"] <= budget
+    assert "external_d" in {e["site"] for e in read(run_dir, "history.json")["evaluate"]}
     assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]
 
 
+def test_malformed_update_from_a_node_is_rejected_never_averaged(fresh_budgets):
+    federation = fresh_budgets
+    run_dir = federation.tmp / "malformed"
+    launch = federation.launch(CONFIG, run_dir, log="malformed.log", profile="one-round", app=FAULT_APP, **{"corrupt-site": "hospital_c"})
+    try:
+        assert launch.wait(timeout=600) == 0, (federation.tmp / "malformed.log").read_text()[-3000:]
+    finally:
+        stop(launch)
+    ledger = read(run_dir, "privacy_ledger.json")
+    assert ledger["hospital_c"]["rejected_rounds"] == [1] and "NaN" in ledger["hospital_c"]["history"][0]["reason"]
+    assert trained_by_round(run_dir) == {1: ["hospital_a", "hospital_b"]}
+    import torch
+
+    weights = torch.load(run_dir / "global_model.pt")
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_restarted_superlink_resumes_from_the_last_checkpoint(fresh_budgets):
+    federation = fresh_budgets
+    run_dir = federation.tmp / "resume"
+    first = federation.launch(CONFIG, run_dir, log="resume-1.log")
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "round_0001.pt").exists(), 400, "round 1 never completed")
+        federation.kill_superlink()  # and the ServerApp it runs
+    finally:
+        stop(first)
+    federation.start_superlink()  # same database and certificates; the SuperNodes reconnect
+    federation.wait_online(len(SITES), timeout=180)
+    second = federation.launch(CONFIG, run_dir, log="resume-2.log")
+    try:
+        assert second.wait(timeout=600) == 0, (federation.tmp / "resume-2.log").read_text()[-3000:]
+    finally:
+        stop(second)
+    assert "Resuming" in (federation.tmp / "resume-2.log").read_text()
+    # Round 1 is not trained again; round 2 runs once, by everyone.
+    assert trained_by_round(run_dir) == {1: sorted(TRAINING), 2: sorted(TRAINING)}
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
+
+
 def test_unregistered_node_is_refused(federation, tmp_path):
-    _, certs, home, superlink = federation
     make_certs(tmp_path / "rogue", ["hospital_a"], ["localhost"])  # a key pair the coordinator never registered
-    cmd = deploy.client_command(SITES[0], superlink, tmp_path / "rogue", free_port())
-    cmd[cmd.index("--root-certificates") + 1] = str(certs / "ca.crt")  # it even trusts the right CA
-    rc, log = run_until_exit(cmd + ["--max-retries", "1"], tmp_path / "rogue.log", home)
+    cmd = deploy.client_command(SITES[0], federation.superlink, tmp_path / "rogue", free_port(), state_dir=tmp_path)
+    cmd[cmd.index("--root-certificates") + 1] = str(federation.certs / "ca.crt")  # it even trusts the right CA
+    rc, log = run_until_exit(federation, cmd + ["--max-retries", "1"], tmp_path / "rogue.log")
     assert rc != 0 and "Failed to activate SuperNode" in log
 
 
 def test_node_without_tls_cannot_connect(federation, tmp_path):
-    _, _, home, superlink = federation
     with pytest.warns(UserWarning, match="INSECURE"):
-        cmd = deploy.client_command(SITES[0], superlink, None, free_port(), insecure=True)
-    rc, log = run_until_exit(cmd + ["--max-retries", "1"], tmp_path / "insecure.log", home)
+        cmd = deploy.client_command(SITES[0], federation.superlink, None, free_port(), insecure=True, state_dir=tmp_path)
+    rc, log = run_until_exit(federation, cmd + ["--max-retries", "1"], tmp_path / "insecure.log")
     assert rc != 0 and "Failed to initialize the connection" in log
+
+
+def run_until_exit(federation, cmd, log, timeout: float = 120) -> tuple[int, str]:
+    """Run a node that should give up; it logs to a file (its children would hold a pipe open)."""
+    p = deploy.start(cmd, log, federation.home)
+    try:
+        rc = p.wait(timeout=timeout)
+    finally:
+        stop(p)
+    return rc, log.read_text(errors="replace")
