@@ -23,6 +23,13 @@ def _simulate(args: argparse.Namespace) -> None:
         raise ConfigError("simulate: give a simulation YAML, or --resume RUN_DIR")
 
 
+def _deploy_local(args: argparse.Namespace) -> None:
+    from .deploy import run_local_deployment
+    from .simulate import simulate
+
+    simulate(args.config, args.profile, args.output_dir, federate=run_local_deployment)
+
+
 def _compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
@@ -141,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a paused or interrupted run from its last checkpoint")
     p.add_argument("--output-dir", default=None, help="where run folders go (default: the YAML's output_dir)")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("deploy-local", help="run a federation as real processes on this machine (SuperLink + one "
+                       "SuperNode per site, TLS + node authentication), then score the release")
+    p.add_argument("config", help="simulation YAML, e.g. simulations/demo.yaml")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--output-dir", default=None)
+    p.set_defaults(func=_deploy_local)
 
     p = sub.add_parser("compare", help="train several generators on one federation and compare them")
     p.add_argument("config", help="compare YAML, e.g. simulations/compare.yaml")

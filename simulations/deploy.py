@@ -6,7 +6,8 @@ are on unless ``insecure=True``, which warns loudly.
 
 * coordinator: ``fedsynth server`` (SuperLink), ``fedsynth register`` (site public keys),
   ``fedsynth launch`` (a run: ``flwr run`` with the YAML path as run config);
-* hospital: ``fedsynth client --site sites/<site>.yaml --superlink HOST:PORT``.
+* hospital: ``fedsynth client --site sites/<site>.yaml --superlink HOST:PORT``;
+* all of it on one machine: :class:`LocalFederation` (``fedsynth deploy-local``, the tests).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from common.appconfig import REPO_ROOT
-from common.config import load_site, site_state_dir
+from common.config import RunConfig, load_site, site_state_dir
 from common.security.certs import make_certs
 
 DEFAULT_PORT = 8000
@@ -126,11 +127,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def stop(p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop ``p`` and everything it spawned (its process group); SIGKILL after 20 s."""
     try:
         os.killpg(p.pid, sig)
         p.wait(timeout=20)
     except ProcessLookupError:
-        pass
+        p.poll()  # already gone: reap it
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
@@ -138,7 +140,7 @@ def stop(p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 class LocalFederation:
     """One SuperLink (TLS, node authentication) and one SuperNode per site YAML, all on
-    127.0.0.1: ``fedsynth local`` and the deployment tests. Every process is started in its
+    127.0.0.1: ``fedsynth deploy-local`` and the deployment tests. Every process is started in its
     own process group and stopped by pid group, with the apps Flower spawns."""
 
     def __init__(self, tmp: Path, sites: list[Path]):
@@ -162,7 +164,8 @@ class LocalFederation:
     def register(self) -> None:
         for cmd in register_commands(self.certs, list(self.sites.values())):
             res = run(cmd, self.home, timeout=60)
-            assert res.returncode == 0 or "already" in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+            if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
+                raise RuntimeError(f"registering {cmd[-2]} failed: {res.stdout}{res.stderr}")
 
     def start_node(self, site: str) -> None:
         cmd = client_command(self.sites[site], self.superlink, self.certs, free_port(), state_dir=self.tmp / "state" / site)
@@ -200,3 +203,35 @@ class LocalFederation:
         for p in [*self.nodes.values(), *([self.server] if self.server else [])]:
             stop(p)
         self.nodes, self.server = {}, None
+
+
+def follow(proc: subprocess.Popen, log: Path) -> int:
+    """Print ``log`` as ``proc`` writes it (Flower's round-by-round progress); return its exit code."""
+    with open(log, "a+", errors="replace") as f:
+        f.seek(0, os.SEEK_END)
+        while True:
+            line = f.readline()
+            if line:
+                print(line, end="", flush=True)
+            elif proc.poll() is not None:
+                print(f.read(), end="", flush=True)
+                return proc.returncode
+            else:
+                time.sleep(0.5)
+
+
+def run_local_deployment(run: RunConfig, run_dir: Path) -> None:
+    """The whole federation as real processes on this machine (``fedsynth deploy-local``).
+
+    One SuperLink and one SuperNode per site, the external hospital's included (it only
+    evaluates), with TLS and node authentication; certificates, logs and each node's
+    privacy ledger go to ``run_dir/deployment`` (a fresh budget per local run).
+    """
+    fed = LocalFederation(Path(run_dir) / "deployment", [Path(s.origin) for s in run.sites])
+    try:
+        fed.up()
+        proc = fed.launch(Path(run.origin), run_dir, profile=run.profile)
+        if (rc := follow(proc, fed.tmp / "launch.log")) != 0:
+            raise RuntimeError(f"flwr run exited with {rc}; logs in {fed.tmp}")
+    finally:
+        fed.down()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -86,14 +87,18 @@ def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None)
     return report
 
 
-def simulate_run(run: RunConfig, run_dir: Path) -> dict:
-    """Federate, synthesise and evaluate one configured run into ``run_dir``; returns the report."""
+def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, Path], None] = run_federation) -> dict:
+    """Federate, synthesise and evaluate one configured run into ``run_dir``; returns the report.
+
+    ``federate`` runs the federation: Flower's simulation engine by default, or real
+    processes (:func:`simulations.deploy.run_local_deployment`)."""
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
-    console.rule(f"[bold]fedsynth simulate[/] {run.name} ({run.profile}, {run.model.name}, dp={run.training.dp}) -> {run_dir}")
+    how = "simulate" if federate is run_federation else "deploy-local"
+    console.rule(f"[bold]fedsynth {how}[/] {run.name} ({run.profile}, {run.model.name}, dp={run.training.dp}) -> {run_dir}")
     console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} steps, then sampling")
-    run_federation(run, run_dir)
+    federate(run, run_dir)
     if not (run_dir / "synthetic" / "synthetic.npz").exists():
         stop = run.federation.stop_after_round
         if not stop or stop >= run.training.rounds:
@@ -112,10 +117,10 @@ def simulate_run(run: RunConfig, run_dir: Path) -> dict:
     return report
 
 
-def simulate(config: str, profile: str = "quick", output_dir: str | None = None) -> Path:
+def simulate(config: str, profile: str = "quick", output_dir: str | None = None, federate=run_federation) -> Path:
     run = load_run(config, profile, overrides={"output_dir": output_dir} if output_dir else None)
     run_dir = new_run_dir(run)
-    simulate_run(run, run_dir)
+    simulate_run(run, run_dir, federate)
     return run_dir
 
 
