@@ -35,6 +35,16 @@ def resolve_site(run: RunConfig, context: Context) -> SiteConfig:
     return sites[int(node["partition-id"])]
 
 
+def not_training_here(run: RunConfig, site: SiteConfig) -> str:
+    """Why this node must not train in ``run`` ("" when it may): an external hospital, or a
+    connected node whose site the coordinator's run does not list."""
+    if site.role == "external":
+        return "evaluation-only site (role: external)"
+    if site.name not in {s.name for s in run.training_sites}:
+        return f"site {site.name} is not a training site of run {run.name}"
+    return ""
+
+
 def state_dir(site: SiteConfig, config: ConfigRecord, node: dict) -> Path:
     """Where the site's privacy ledger lives. A deployed node: the folder its operator chose
     (``fedsynth client --state-dir``, default the site's own state folder), the same for every
@@ -60,8 +70,8 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
     def train(msg: Message, context: Context) -> Message:
         run = get_run(context)
         site = resolve_site(run, context)
-        if site.role == "external":  # an evaluation-only hospital: its images never train
-            info = ConfigRecord({"site": site.name, "reason": "evaluation-only site (role: external)"})
+        if (reason := not_training_here(run, site)):  # its images never train in this run
+            info = ConfigRecord({"site": site.name, "reason": reason})
             return Message(RecordDict({"metrics": _metrics({"evaluation_only": 1}), "site": info}), reply_to=msg)
         config = msg.content["config"]
         data = load_site_data(run, site)

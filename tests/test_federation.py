@@ -128,3 +128,21 @@ def test_deployed_node_refuses_non_private_training(tiny_run, tmp_path):
     out = deployed(_train_message(run, tmp_path, 1), ctx)
     assert out.content["metrics"]["declined"] == 1 and "only with differential privacy" in out.content["site"]["reason"]
     assert "arrays" not in out.content
+
+
+@pytest.mark.parametrize("site_yaml, reason", [("external_d", "evaluation-only"), ("hospital_b", "not a training site")])
+def test_a_node_that_must_not_train_says_so_and_is_only_asked_to_evaluate(tiny_run, tmp_path, site_yaml, reason):
+    from .conftest import REPO
+
+    app = make_client_app(lambda _ctx: tiny_run)  # tiny trains hospital_a and hospital_c only
+    node = {"site-config": str(REPO / "sites" / f"{site_yaml}.yaml"), "state-dir": str(tmp_path)}
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    msg = _train_message(tiny_run, tmp_path, 1)
+    out = app(msg, ctx)
+    assert out.content["metrics"]["evaluation-only"] == 1 and reason in out.content["site"]["reason"]
+    assert "arrays" not in out.content and not (tmp_path / "privacy_ledger.json").exists()
+
+    strategy = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "l.json"), min_train_nodes=1, min_available_nodes=1)
+    strategy.current = build_generator(tiny_run.model).state_dict()
+    assert strategy.aggregate_train(1, [out]) == (None, None)
+    assert strategy.evaluation_only == {out.metadata.src_node_id: site_yaml} and ServerLedger(tmp_path / "l.json").summary() == {}
