@@ -108,6 +108,20 @@ def test_restarted_superlink_resumes_from_the_last_checkpoint(fresh_budgets):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
 
 
+def test_secure_aggregation_across_processes(fresh_budgets):
+    federation = fresh_budgets
+    run_dir = federation.tmp / "secure"
+    launch = federation.launch(CONFIG, run_dir, log="secure.log", profile="secure")
+    try:
+        assert launch.wait(timeout=600) == 0, (federation.tmp / "secure.log").read_text()[-3000:]
+    finally:
+        stop(launch)
+    log = (federation.tmp / "secure.log").read_text()
+    assert "Secure aggregation completed" in log and "Secure aggregation halted" not in log
+    assert trained_by_round(run_dir) == {1: sorted(TRAINING)}  # the external node adds a zero-weight share
+    assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]
+
+
 def test_unregistered_node_is_refused(federation, tmp_path):
     make_certs(tmp_path / "rogue", ["hospital_a"], ["localhost"])  # a key pair the coordinator never registered
     cmd = deploy.client_command(SITES[0], federation.superlink, tmp_path / "rogue", free_port(), state_dir=tmp_path)
