@@ -73,7 +73,10 @@ def legacy_records_mod(msg: Message, ctxt: Context, call_next) -> Message:
 
 
 def check_clipping_range(update: list[np.ndarray], weight: int, clipping_range: float, max_weight: float) -> None:
-    """SecAgg+ silently clips weighted values to +-clipping_range; refuse instead of corrupting the sum."""
+    """SecAgg+ silently clips weighted values to +-clipping_range and cannot carry NaN; the
+    server never sees this update to reject it, so the node refuses to send it instead."""
+    if not all(np.isfinite(a).all() for a in update):
+        raise CheckFailed("update holds NaN or inf; not sent into secure aggregation")
     scale = min(weight, max_weight) / max_weight
     peak = max(float(np.abs(a).max()) for a in update if a.size) * scale
     if peak > clipping_range:

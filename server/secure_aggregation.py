@@ -13,7 +13,7 @@ client, :mod:`client.secure_aggregation` translates the legacy records.
 
 What changes for the server: it never holds one site's weights, so it cannot
 reject one malformed update. Each client checks its own update before masking
-(shapes, finite, inside the clipping range); the server checks the aggregate and
+(finite, inside the clipping range); the server checks the aggregate and
 drops a round whose aggregate is malformed. Scalar metrics (ε, loss, label
 counts) still arrive per site, in the clear: the ledger needs them.
 """

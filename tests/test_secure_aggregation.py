@@ -42,11 +42,13 @@ def test_secagg_round_gives_fedavg_of_the_updates_without_the_server_seeing_one(
     assert any((plain[k] != 0).any() for k in plain)
 
 
-def test_a_node_refuses_to_send_weights_secagg_would_clip():
+def test_a_node_refuses_to_send_weights_secagg_would_clip_or_garble():
     update = [np.full(3, 2.0, dtype=np.float32)]
     check_clipping_range(update, weight=5000, clipping_range=8.0, max_weight=10_000)  # 2 * 0.5 fits
     with pytest.raises(CheckFailed, match="clipping_range"):
         check_clipping_range([np.full(3, 20.0, dtype=np.float32)], weight=10_000, clipping_range=8.0, max_weight=10_000)
+    with pytest.raises(CheckFailed, match="NaN"):
+        check_clipping_range([np.array([0.0, np.nan], dtype=np.float32)], weight=1, clipping_range=8.0, max_weight=10_000)
 
 
 def test_secagg_needs_at_least_two_sites_per_round(shared_data):
