@@ -207,8 +207,7 @@ class LocalFederation:
 
 def follow(proc: subprocess.Popen, log: Path) -> int:
     """Print ``log`` as ``proc`` writes it (Flower's round-by-round progress); return its exit code."""
-    with open(log, "a+", errors="replace") as f:
-        f.seek(0, os.SEEK_END)
+    with open(log, errors="replace") as f:  # from the start: nothing the launch wrote is skipped
         while True:
             line = f.readline()
             if line:

@@ -5,6 +5,7 @@ authentication, and the faults a deployment meets. Processes are stopped by pid 
 import json
 
 import pytest
+import torch
 
 from common.security.certs import make_certs
 from common.security.signing import verify_release
@@ -80,8 +81,6 @@ def test_malformed_update_from_a_node_is_rejected_never_averaged(fresh_budgets):
     ledger = read(run_dir, "privacy_ledger.json")
     assert ledger["hospital_c"]["rejected_rounds"] == [1] and "NaN" in ledger["hospital_c"]["history"][0]["reason"]
     assert trained_by_round(run_dir) == {1: ["hospital_a", "hospital_b"]}
-    import torch
-
     weights = torch.load(run_dir / "global_model.pt")
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
