@@ -79,8 +79,11 @@ class AcquisitionConfig:
 
 @dataclass(config=STRICT)
 class PrivacyBudget:
-    epsilon: float = Field(gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    """A site's (ε, δ) over every run it ever joins. Finite and bounded: ε = inf never binds,
+    and ε > 100 or δ > 1e-2 promise nothing a privacy officer could sign."""
+
+    epsilon: float = Field(gt=0, le=100, allow_inf_nan=False)
+    delta: float = Field(1e-5, gt=0, le=1e-2, allow_inf_nan=False)
 
 
 @dataclass(config=STRICT)
@@ -128,12 +131,14 @@ class ModelConfig:
 
 @dataclass(config=STRICT)
 class TrainingConfig:
-    rounds: int = Field(3, ge=1)
-    local_steps: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)  # expected batch size under Poisson sampling
-    lr: float = Field(2e-3, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    rounds: int = Field(3, ge=1, le=10_000)
+    local_steps: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000)  # expected batch size under Poisson sampling
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # Only accountants whose ε is an upper bound calibrate and enforce budgets (GDP is an
+    # asymptotic approximation that under-reports ε; see common.privacy.accounting).
+    accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch"] = "functorch"
     # Large expected batches on small memory: Opacus' BatchMemoryManager splits each
     # Poisson batch into physical batches of at most this size (virtual steps).
@@ -217,6 +222,14 @@ class AttackConfig:
 
 
 @dataclass(config=STRICT)
+class AuditConfig:
+    """The empirical privacy audit (common.evaluation.audit): gradient canaries per training site."""
+
+    enabled: bool = True
+    canaries: int = Field(1000, ge=10, le=100_000)
+
+
+@dataclass(config=STRICT)
 class FUPWeights:
     fidelity: float = Field(1.0, ge=0)
     utility: float = Field(1.0, ge=0)
@@ -228,6 +241,7 @@ class EvaluationConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     fup_weights: FUPWeights = field(default_factory=FUPWeights)
 
 
@@ -335,6 +349,11 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     data["origin"] = str(path)
     data["profile"] = profile
     run = validate(RunConfig, data, path)
+    if run.training.rounds * run.training.local_steps > 1_000_000:
+        raise ConfigError(f"{path}: training: rounds x local_steps = {run.training.rounds * run.training.local_steps} exceeds 1,000,000 steps")
+    if run.model.name == "gan" and run.training.dp and run.training.max_physical_batch_size:
+        raise ConfigError(f"{path}: training.max_physical_batch_size: not supported for the DP-GAN "
+                          "(its fake rows per physical batch would depend on the private batch size)")
     names = [s.name for s in run.sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: sites: duplicate site names {names}")

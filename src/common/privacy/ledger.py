@@ -1,47 +1,91 @@
-"""The client's authoritative privacy ledger: an Opacus accountant persisted on disk.
+"""The site's authoritative privacy ledger: what it has released, on disk, tamper-evident.
 
-The accountant's history ``[(noise_multiplier, sample_rate, steps), ...]`` is all
-that defines ε, so it is written after every round and reloaded on start; a
-restarted client continues from what it has already spent.
+ε is a function of the history ``[(noise_multiplier, sample_rate, steps), ...]``
+alone, so the history is the ledger. The rules that make the budget binding:
+
+* **Exclusive.** :meth:`PrivacyLedger.session` holds an OS lock (``flock``) on
+  ``<ledger>.lock`` from the check to the save: two runs sharing a ledger are
+  serialised, each sees the other's spend.
+* **Reserve first.** A round's steps are written to the history *before* its
+  first step (:meth:`reserve`); a crash mid-round leaves them counted.
+* **Tamper-evident.** Every save carries an HMAC-SHA256 of its content under a
+  key kept beside it (``<ledger>.key``, mode 0600). An edited ledger, a ledger
+  without its key, or a key without its ledger (a deleted ledger) is refused
+  until an operator acts (:func:`reseal`). Deleting the whole state folder
+  cannot be detected from inside it; docs/privacy.md says so.
+* **Upper bounds only.** The accountant is RDP or PRV (:mod:`.accounting`).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import fcntl
+import hashlib
+import hmac
 import json
 import os
+import secrets
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from opacus.accountants import create_accountant
+from .accounting import AccountantError, epsilon_for, noise_for_budget, require_upper_bound
 
-from ..runtime import write_json
+LEDGER_VERSION = 2
 
 
-class BudgetExceeded(RuntimeError):
+class PrivacyRefusal(RuntimeError):
+    """The site will not train: the reason is one line, safe to send to the coordinator."""
+
+
+class BudgetExceeded(PrivacyRefusal):
     """Training the requested steps would take the site past its ε budget."""
 
 
+class LedgerError(PrivacyRefusal):
+    """The ledger is unreadable, edited, deleted or locked: an operator must act."""
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
 class PrivacyLedger:
-    def __init__(self, path: str | os.PathLike, epsilon_budget: float, delta: float, accountant: str = "rdp"):
+    """A site's ledger at ``path`` (its key at ``path.with_suffix('.key')``)."""
+
+    def __init__(self, path: str | os.PathLike, epsilon_budget: float, delta: float, accountant: str = "rdp",
+                 lock_timeout_s: float = 3600.0):
+        try:
+            require_upper_bound(accountant)
+        except AccountantError as exc:
+            raise LedgerError(str(exc)) from None
+        if not (0 < epsilon_budget < float("inf")) or not (0 < delta < 1):
+            raise LedgerError(f"privacy budget must be finite: epsilon={epsilon_budget!r}, delta={delta!r}")
         self.path = Path(path)
-        self.epsilon_budget = epsilon_budget
-        self.delta = delta
+        self.key_path = self.path.with_suffix(".key")
+        self.lock_path = self.path.with_suffix(".lock")
+        self.epsilon_budget = float(epsilon_budget)
+        self.delta = float(delta)
         self.mechanism = accountant
-        self.accountant = create_accountant(mechanism=accountant)
+        self.lock_timeout_s = lock_timeout_s
+        self.history: list[tuple[float, float, int]] = []
         self.rounds: list[dict] = []
-        if self.path.exists():
-            self._load()
+        self.events: list[dict] = []
+        self._locked = 0
+        self.load()
 
     # ------------------------------------------------------------- queries
     @property
     def spent(self) -> float:
-        return self._epsilon(self.accountant)
+        return epsilon_for(self.history, self.delta, self.mechanism)
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.epsilon_budget - self.spent)
 
     def projected(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε after ``steps`` more steps, without recording them."""
-        trial = copy.deepcopy(self.accountant)
-        trial.history.append((noise_multiplier, sample_rate, steps))
-        return self._epsilon(trial)
+        return epsilon_for([*self.history, (noise_multiplier, sample_rate, steps)], self.delta, self.mechanism)
 
     def check(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Raise :class:`BudgetExceeded` unless the steps fit; returns the projected ε."""
@@ -53,33 +97,136 @@ class PrivacyLedger:
             )
         return after
 
+    def noise_for_remaining(self, sample_rate: float, steps_per_round: int, rounds_left: int) -> float:
+        """σ so that what is already spent plus ``rounds_left`` rounds fit the budget (not the whole budget)."""
+        try:
+            return noise_for_budget(self.epsilon_budget, self.delta, sample_rate, steps_per_round * rounds_left,
+                                    self.mechanism, self.history)
+        except ValueError:
+            raise BudgetExceeded(
+                f"epsilon {self.spent:.3f} of this site's budget {self.epsilon_budget:g} is spent; "
+                f"{rounds_left} more round(s) of {steps_per_round} steps cannot fit (delta={self.delta:g})"
+            ) from None
+
     # ------------------------------------------------------------ updates
-    def record_round(self, server_round: int, steps: int) -> None:
-        """Log a finished round (the accountant itself was stepped by Opacus) and persist."""
-        self.rounds.append({"round": server_round, "steps": steps, "epsilon": self.spent})
+    @contextlib.contextmanager
+    def session(self) -> Iterator["PrivacyLedger"]:
+        """Hold the ledger's exclusive lock and work on its freshest state."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            deadline = time.monotonic() + self.lock_timeout_s
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LedgerError(f"{self.path.name}: still locked by another run after {self.lock_timeout_s:.0f} s") from None
+                    time.sleep(0.05)
+            self._locked += 1
+            try:
+                self.load()
+                yield self
+            finally:
+                self._locked -= 1
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def reserve(self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Check and write a round's steps to the ledger before its first step; returns ε after it."""
+        self._require_lock()
+        after = self.check(noise_multiplier, sample_rate, steps)
+        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        self.rounds.append({"round": server_round, "steps": steps, "noise_multiplier": noise_multiplier,
+                            "sample_rate": sample_rate, "epsilon": after, "status": "reserved"})
+        self.save()
+        return after
+
+    def commit(self, server_round: int) -> None:
+        """Mark the reserved round as finished (its spend was already counted)."""
+        self._require_lock()
+        for entry in reversed(self.rounds):
+            if entry["round"] == server_round and entry["status"] == "reserved":
+                entry["status"] = "done"
+                break
         self.save()
 
     def save(self) -> None:
-        write_json(
-            self.path,
-            {
-                "accountant": self.mechanism,
-                "epsilon_budget": self.epsilon_budget,
-                "delta": self.delta,
-                "history": [list(h) for h in self.accountant.history],
-                "rounds": self.rounds,
-                "epsilon_spent": self.spent,
-            },
-        )
+        body = {
+            "version": LEDGER_VERSION,
+            "accountant": self.mechanism,
+            "epsilon_budget": self.epsilon_budget,
+            "delta": self.delta,
+            "history": [list(h) for h in self.history],
+            "rounds": self.rounds,
+            "events": self.events,
+            "epsilon_spent": self.spent,
+        }
+        key = self._key(create=True)
+        doc = {**body, "hmac_sha256": hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()}
+        tmp = self.path.with_suffix(".json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
-    def _load(self) -> None:
-        data = json.loads(self.path.read_text())
-        if data.get("accountant") != self.mechanism:
-            raise ValueError(f"{self.path}: ledger uses accountant {data.get('accountant')!r}, config asks {self.mechanism!r}")
-        self.accountant.history = [tuple(h) for h in data["history"]]
-        self.rounds = data.get("rounds", [])
+    def load(self) -> None:
+        """Read and verify the ledger; a fresh site (no ledger, no key) starts empty."""
+        has_ledger, has_key = self.path.exists(), self.key_path.exists()
+        if not has_ledger and not has_key:
+            self.history, self.rounds, self.events = [], [], []
+            return
+        if not has_ledger:
+            raise LedgerError(f"{self.path.name} is missing but its key exists: the ledger was deleted; "
+                              "restore it from backup (or see `fedsynth ledger reseal`)")
+        if not has_key:
+            raise LedgerError(f"{self.key_path.name} is missing: the ledger cannot be verified; restore the key")
+        try:
+            doc = json.loads(self.path.read_text())
+            given = doc.pop("hmac_sha256")
+            history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"{self.path.name} is unreadable ({type(exc).__name__}); restore it from backup") from None
+        want = hmac.new(self._key(create=False), _canonical(doc), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(given, want):
+            raise LedgerError(f"{self.path.name} fails its integrity check (edited?); restore it from backup "
+                              "(or see `fedsynth ledger reseal`)")
+        if doc.get("accountant") != self.mechanism:
+            raise LedgerError(f"{self.path.name} uses accountant {doc.get('accountant')!r}, the run asks {self.mechanism!r}")
+        self.history, self.rounds, self.events = history, doc.get("rounds", []), doc.get("events", [])
 
-    def _epsilon(self, accountant) -> float:
-        if not accountant.history:
-            return 0.0
-        return float(accountant.get_epsilon(delta=self.delta))
+    # ------------------------------------------------------------ private
+    def _require_lock(self) -> None:
+        if not self._locked:
+            raise RuntimeError("ledger updates need `with ledger.session():`")
+
+    def _key(self, create: bool) -> bytes:
+        if not self.key_path.exists():
+            if not create:
+                raise LedgerError(f"{self.key_path.name} is missing")
+            fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return self.key_path.read_bytes()
+
+
+def reseal(path: str | os.PathLike, reason: str) -> dict:
+    """Operator override: accept the ledger file as it is now and sign it again.
+
+    The file must still parse; the override, its reason and the ε it then shows are
+    appended to the ledger's ``events``. The operator owns that decision.
+    """
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    doc.pop("hmac_sha256", None)
+    ledger = PrivacyLedger.__new__(PrivacyLedger)
+    ledger.path, ledger.key_path, ledger.lock_path = path, path.with_suffix(".key"), path.with_suffix(".lock")
+    ledger.mechanism, ledger.epsilon_budget, ledger.delta = doc["accountant"], doc["epsilon_budget"], doc["delta"]
+    ledger.history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
+    ledger.rounds, ledger.events, ledger._locked = doc.get("rounds", []), doc.get("events", []), 1
+    event = {"event": "operator_reseal", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason,
+             "epsilon_spent": ledger.spent}
+    ledger.events.append(event)
+    ledger.save()
+    return event
