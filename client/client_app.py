@@ -1,8 +1,10 @@
 """fedsynth ClientApp (Flower Message API).
 
-``train``: receive global weights, run DP-SGD locally, send back weights and
-scalar metrics (ε spent, loss, label counts). ``evaluate``: held-out denoising
-loss. Images never leave this process.
+``train``: receive global weights, run DP-SGD locally, send back the DP weights
+and the ledger's figures. ``evaluate``: the global model's held-out loss, kept in
+the site's local log. Images never leave this process, and neither does any value
+computed from them except through the accounted DP-SGD mechanism:
+:data:`SENT_METRICS` is the whole list of what a site sends (tests check it).
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ from flwr.clientapp import ClientApp
 from common.appconfig import run_from_context
 from common.config import ConfigError, RunConfig, SiteConfig, load_site, site_state_dir
 from common.data import load_site as load_site_data
-from common.privacy import BudgetExceeded
+from common.privacy import BudgetExceeded, LedgerError, PrivacyRefusal
 from common.runtime import pick_device
 
 from . import secure_aggregation
 from .checks import check_site_data
-from .trainer import heldout_loss, ledger_for, train_round
+from .trainer import append_local_log, heldout_loss, ledger_for, train_round
+
+# Every metric a site may send, and why it is allowed (docs/privacy.md):
+SENT_METRICS = {
+    "epsilon": "the site's ledger: a function of (sigma, q, steps), i.e. of config and the count of privacy units",
+    "epsilon-budget": "the site's configuration",
+    "delta": "the site's configuration",
+    "declined": "whether the ledger allowed the round (a function of the ledger)",
+    "evaluation-only": "the site's role in its configuration",
+    "evaluated": "constant 1: an evaluation took place at the site",
+    "weight": "constant 1: FedAvg weighs sites equally (example counts are private)",
+}
 
 
 def resolve_site(run: RunConfig, context: Context) -> SiteConfig:
@@ -77,20 +90,24 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
         data = load_site_data(run, site)
         check_site_data(data)
         where = state_dir(site, config, context.node_config)
-        info = ConfigRecord({"site": site.name, "reason": ""})
+        # The unit of privacy follows from the site's source: patients where ingestion knows them.
+        info = ConfigRecord({"site": site.name, "reason": "", "privacy-unit": data.privacy_unit})
         try:
             if not run.training.dp and not simulation:
                 raise BudgetExceeded("this node trains only with differential privacy (training.dp is false)")
             result = train_round(
                 run, site, data, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]), where, pick_device()
             )
-        except BudgetExceeded as exc:
-            ledger = ledger_for(run, site, where)
+        except PrivacyRefusal as exc:
             info["reason"] = str(exc)
-            metrics = {"declined": 1, "epsilon": ledger.spent, "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}
+            metrics = {"declined": 1, "weight": 1}
+            try:
+                ledger = ledger_for(run, site, where)
+                metrics.update(epsilon=ledger.spent, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta)
+            except LedgerError:
+                pass  # the reason already says why the ledger cannot be read
             return Message(RecordDict({"metrics": _metrics(metrics), "site": info}), reply_to=msg)
-        counts = {f"label_count_{c}": n for c, n in enumerate(data.label_counts(run.model.num_classes))}
-        metrics = _metrics({**result.metrics, **counts, "declined": 0})
+        metrics = _metrics({**result.metrics, "declined": 0, "weight": 1})
         content = RecordDict({"arrays": ArrayRecord(result.weights), "metrics": metrics, "site": info})
         return Message(content, reply_to=msg)
 
@@ -100,7 +117,10 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
         site = resolve_site(run, context)
         data = load_site_data(run, site)
         loss = heldout_loss(run, data, msg.content["arrays"].to_torch_state_dict(), pick_device())
-        metrics = _metrics({"heldout_loss": loss, "num_examples": len(data.holdout_x)})
+        # The loss is a function of the site's images: it stays in the site's own log.
+        append_local_log(state_dir(site, msg.content["config"], context.node_config),
+                         {"round": int(msg.content["config"].get("server-round", 0)), "kind": "evaluate", "heldout_loss": loss})
+        metrics = _metrics({"evaluated": 1, "weight": 1})
         return Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"site": site.name})}), reply_to=msg)
 
     return app

@@ -58,12 +58,13 @@ def legacy_records_mod(msg: Message, ctxt: Context, call_next) -> Message:
     metrics = dict(reply.content["metrics"])
     site = {k: str(v) for k, v in reply.content["site"].items()}
     if kind == "evaluate":
-        res = EvaluateRes(Status(Code.OK, ""), float(metrics["heldout-loss"]), int(metrics["num-examples"]), {**metrics, **site})
+        # The held-out loss stays at the site; the legacy record needs a number, so 0.
+        res = EvaluateRes(Status(Code.OK, ""), 0.0, 1, {**metrics, **site})
         reply.content = compat.evaluateres_to_recorddict(res)
         return reply
-    if "arrays" in reply.content:  # trained: weight by examples, as FedAvg does
+    if "arrays" in reply.content:  # trained: every site weighs the same (example counts are private)
         update = [reply.content["arrays"][k].numpy() for k in keys]
-        weight = int(metrics["num-examples"])
+        weight = int(float(config[MAX_WEIGHT]))
         check_clipping_range(update, weight, float(config[CLIPPING_RANGE]), float(config[MAX_WEIGHT]))
     else:  # declined or evaluation-only: a zero-weight contribution keeps the masks whole
         update, weight = arrays, 0

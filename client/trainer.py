@@ -2,41 +2,95 @@
 
 Works for any generator (:mod:`common.models.generators`): Opacus'
 :class:`~opacus.PrivacyEngine` wraps its private module, optimizer and loader
-(Poisson sampling, per-sample clipping, Gaussian noise); the loop itself is an
-ordinary PyTorch loop. The site's :class:`~common.privacy.PrivacyLedger` is the
-engine's accountant, so every optimizer step is accounted and persisted.
+(Poisson sampling, per-unit clipping, Gaussian noise); the loop itself is an
+ordinary PyTorch loop. What makes the site's ε true:
+
+* **Secret randomness.** The Poisson sampling and the Gaussian noise come from
+  generators seeded by :mod:`secrets` in this process, never from the run's
+  public seed (which still fixes model init, diffusion timesteps and
+  evaluation). Opacus' ``secure_mode`` needs torchcsprng, which no longer
+  builds; its floating-point mitigation (sum of 4 draws, Holohan & Braghin
+  2021) is switched on with our secret generator instead.
+* **The patient is the unit.** The private dataset has one row per privacy unit
+  (a pseudonymised patient; an image where the source knows no patients). Each
+  Poisson-sampled patient contributes one of its images per step, so one
+  patient moves at most one clipped row: user-level DP-SGD with q = B / patients.
+* **The ledger binds.** The round's steps are reserved in the site's ledger,
+  under its lock, before the first step; σ is calibrated against the budget
+  that remains, for the rounds that remain.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import secrets
 import warnings
 from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch.utils.data import DataLoader, TensorDataset
-
-from common.config import RunConfig, SiteConfig
-from common.data import SiteData
-from common.models.generators import build_generator
-from common.privacy import PrivacyLedger, calibrate
-from common.runtime import seed_everything
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.checks import check_weights
+from common.config import RunConfig, SiteConfig
+from common.data import SiteData
+from common.models.generators import Generator, build_generator
+from common.privacy import BudgetExceeded, PrivacyLedger
+from common.runtime import seed_everything, write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RoundResult:
     weights: dict[str, torch.Tensor]
+    # What may leave the site: accounted figures (ε, δ, budget), nothing computed from images.
     metrics: dict[str, float] = field(default_factory=dict)
+    # Stays at the site (its local log): loss, steps, mechanism parameters.
+    local: dict[str, float] = field(default_factory=dict)
 
 
 def ledger_for(run: RunConfig, site: SiteConfig, state_dir: Path) -> PrivacyLedger:
     assert site.privacy is not None
     return PrivacyLedger(state_dir / "privacy_ledger.json", site.privacy.epsilon, site.privacy.delta, run.training.accountant)
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the OS's CSPRNG: nobody outside this process can re-derive its draws."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+class UnitDataset(Dataset):
+    """One row per privacy unit; each draw returns one of the unit's images (uniformly).
+
+    Poisson sampling over rows then samples *patients*, and per-row clipping clips each
+    patient's whole contribution to a step. Which image a patient shows is not secret:
+    the guarantee holds for any choice (Rényi divergence is jointly quasi-convex).
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], groups: list[np.ndarray]):
+        self.tensors, self.groups = tensors, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int):
+        group = self.groups[i]
+        j = int(group[torch.randint(len(group), (1,)).item()])
+        return tuple(t[j] for t in self.tensors)
+
+
+def private_dataset(data: SiteData, tensors: list[torch.Tensor]) -> Dataset:
+    groups = data.unit_groups()
+    if all(len(g) == 1 for g in groups):
+        return TensorDataset(*tensors)  # every image its own unit: the plain dataset
+    return UnitDataset(tensors, groups)
 
 
 def train_round(
@@ -47,20 +101,26 @@ def train_round(
     server_round: int,
     state_dir: Path,
     device: torch.device,
+    build: Callable[[RunConfig], Generator] | None = None,
 ) -> RoundResult:
     """Train ``run.training.local_steps`` steps from ``global_weights``.
 
-    Raises :class:`~common.privacy.BudgetExceeded` *before* touching the data
-    when the steps would exceed the site's ε budget.
+    ``build`` makes the model (default: the configured generator); the privacy audit
+    passes its gradient-canary probe so that it exercises this very mechanism.
+
+    Raises :class:`~common.privacy.PrivacyRefusal` *before* touching the data when the
+    steps would exceed the site's ε budget or its ledger cannot be trusted.
     """
     cfg = run.training
     torch.set_num_threads(cfg.threads_per_client)
+    # Public, reproducible randomness only: timesteps, diffusion noise, label dropout, GAN latents.
     seed_everything(run.seed + 10_007 * server_round + sum(map(ord, site.name)))
 
-    gen = build_generator(run.model)
+    gen = build(run) if build else build_generator(run.model)
     check_weights(global_weights, gen.state_dict(), f"round {server_round} global model")
     gen.load_state_dict(global_weights)
     gen.to(device).train()
+    gen.batch_size = cfg.batch_size
     optimizers = gen.optimizers(cfg.lr)
     private = gen.private_module(cfg.noise_multiplicity)
     # Parameters of the wrapped module that are not trained (the noise-multiplicity anchor)
@@ -74,43 +134,55 @@ def train_round(
         if data.train_masks is None:
             raise ValueError(f"site {site.name}: model.mask_channels > 0 but the site's scans have no masks")
         tensors.append(data.train_masks)
-    loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True)
-    metrics: dict[str, float] = {}
+    dataset = private_dataset(data, tensors)
 
-    if cfg.dp:
-        plan = calibrate(
-            site.privacy.epsilon,
-            site.privacy.delta,
-            num_examples=len(data.train_x),
-            batch_size=cfg.batch_size,
-            steps_per_round=cfg.local_steps,
-            rounds=cfg.rounds,
-            accountant=cfg.accountant,
-        )
-        ledger = ledger_for(run, site, state_dir)
-        ledger.check(plan.noise_multiplier, plan.sample_rate, cfg.local_steps)
-        engine = PrivacyEngine(accountant=cfg.accountant)
-        engine.accountant = ledger.accountant  # account into the persisted ledger
+    if not cfg.dp:
+        warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
+        losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual=False)
+        return _result(gen, site, state_dir, server_round, losses, {}, {"steps": cfg.local_steps})
+
+    if server_round > cfg.rounds:
+        raise BudgetExceeded(f"round {server_round} is past the {cfg.rounds} rounds this site's noise was planned for")
+    ledger = ledger_for(run, site, state_dir)
+    units = len(dataset)
+    with ledger.session():
+        q = min(1.0, cfg.batch_size / units)
+        rounds_left = max(1, cfg.rounds - server_round + 1)
+        sigma = ledger.noise_for_remaining(q, cfg.local_steps, rounds_left)
+        ledger.reserve(server_round, sigma, q, cfg.local_steps)  # counted before the first step
+        sampling = secret_generator("cpu")
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=sampling)
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": we pass secret generators for sampling and noise ourselves.
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            engine = PrivacyEngine(accountant=cfg.accountant)
         private, optimizers[gen.private], loader = engine.make_private(
             module=private,
             optimizer=optimizers[gen.private],
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
+            data_loader=loader,  # Poisson sampling draws from ``sampling`` (the loader's generator)
+            noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
+            noise_generator=secret_generator(device),
             # Noise multiplicity needs per-sample gradients of the whole wrapper (functorch).
             grad_sample_mode="functorch" if cfg.noise_multiplicity > 1 else cfg.grad_sample_mode,
         )
-        metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-    else:
-        warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
-        ledger = None
+        optimizers[gen.private].secure_mode = True  # noise as a sum of draws: the floating-point attack fix
+        virtual = bool(cfg.max_physical_batch_size and cfg.max_physical_batch_size < cfg.batch_size)
+        losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual)
+        ledger.commit(server_round)
+        spent = ledger.spent
+    shared = {"epsilon": spent, "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}
+    local = {"steps": cfg.local_steps, "noise_multiplier": sigma, "sample_rate": q, "privacy_units": units}
+    return _result(gen, site, state_dir, server_round, losses, shared, local)
 
+
+def _train_loop(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list[float]:
     losses: list[float] = []
     steps = 0
     private_opt = optimizers[gen.private]
     with ExitStack() as stack:
-        virtual = cfg.dp and cfg.max_physical_batch_size and cfg.max_physical_batch_size < cfg.batch_size
         if virtual:  # one logical (accounted) step = several physical batches
             loader = stack.enter_context(
                 BatchMemoryManager(data_loader=loader, max_physical_batch_size=cfg.max_physical_batch_size, optimizer=private_opt)
@@ -122,31 +194,46 @@ def train_round(
             except StopIteration:
                 batches = iter(loader)
                 continue
-            if len(x) == 0:  # Poisson sampling can draw an empty batch: nothing is released
+            if len(x) == 0:  # Poisson sampling drew nobody: the step still releases noise
+                if cfg.dp and not virtual:
+                    noise_only_step(private_opt)
                 steps += 0 if virtual else 1
                 continue
             masks = m[0].to(device) if m else None
             losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
             steps += 0 if getattr(private_opt, "_is_last_step_skipped", False) else 1
+    return losses
 
-    finite = [v for v in losses if v == v]
-    metrics.update(
-        train_loss=sum(finite) / max(1, len(finite)),
-        steps=float(cfg.local_steps),
-        num_examples=float(len(data.train_x)),
-    )
-    if ledger is not None:
-        ledger.record_round(server_round, cfg.local_steps)
-        metrics.update(epsilon=ledger.spent, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta)
+
+def noise_only_step(optimizer) -> None:
+    """An empty Poisson batch: the DP optimizer still adds noise and steps, as the accountant assumes."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _result(gen, site, state_dir: Path, server_round: int, losses: list[float], shared: dict, local: dict) -> RoundResult:
     weights = {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()}
     for key, value in weights.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise FloatingPointError(f"site {site.name}: local update {key} is not finite; not sending it")
-    return RoundResult(weights, metrics)
+    finite = [v for v in losses if v == v]
+    local = {**local, "train_loss": sum(finite) / max(1, len(finite))}
+    append_local_log(state_dir, {"round": server_round, "kind": "train", **local, **shared})
+    return RoundResult(weights, shared, local)
+
+
+def append_local_log(state_dir: Path, entry: dict) -> None:
+    """The site's own record of what only it may see (losses, mechanism parameters)."""
+    path = Path(state_dir) / "local_log.json"
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append(entry)
+    write_json(path, entries)
 
 
 def heldout_loss(run: RunConfig, data: SiteData, weights: dict[str, torch.Tensor], device: torch.device, max_images: int = 256) -> float:
-    """The global model's own loss on this site's held-out images (fixed seeds)."""
+    """The global model's own loss on this site's held-out images (fixed seeds). Stays at the site."""
     gen = build_generator(run.model)
     gen.load_state_dict(weights)
     return float(-gen.membership_scores(data.holdout_x[:max_images], data.holdout_y[:max_images], run.seed, device).mean())

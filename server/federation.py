@@ -73,24 +73,25 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
     if latest_checkpoint(run_dir) is None:
         declined = {s: p["declined_rounds"] for s, p in ledger.summary().items()}
         raise RuntimeError(f"no round produced a model (sites declined: {declined}); nothing to release")
+    if (anomalies := ledger.anomalies()):
+        raise RuntimeError(f"release withheld: the privacy ledger does not add up ({anomalies}); see {ledger.path}")
     if last < run.training.rounds:
         log(INFO, "Paused after round %d of %d; run again on %s to resume", last, run.training.rounds, run_dir)
         return None
     weights = strategy.ema if strategy.ema is not None else arrays.to_torch_state_dict()
     torch.save(weights, run_dir / "global_model.pt")  # the released model: the EMA when enabled
 
-    pooled = [sum(c) for c in zip(*strategy.label_counts.values())] or [1] * run.model.num_classes
     privacy = ledger.summary()
     log(INFO, "Sampling %d synthetic images", run.synthesis.num_images)
     synthesize(
         run,
         weights,
-        pooled,
         run_dir / "synthetic",
         provenance={
             "rounds": run.training.rounds,
-            "sites": {s: {"epsilon": p["epsilon"], "delta": p["delta"], "rounds_trained": p["rounds_trained"]} for s, p in privacy.items()},
+            "sites": {s: {"epsilon": p["epsilon"], "delta": p["delta"], "privacy_unit": p["privacy_unit"],
+                          "accountant": run.training.accountant, "rounds_trained": p["rounds_trained"]} for s, p in privacy.items()},
         },
         signing_key=signing_key_path(run, run_dir),
     )
-    return {"privacy": privacy, "history": strategy.history, "pooled_label_counts": pooled}
+    return {"privacy": privacy, "history": strategy.history}

@@ -14,8 +14,8 @@ client, :mod:`client.secure_aggregation` translates the legacy records.
 What changes for the server: it never holds one site's weights, so it cannot
 reject one malformed update. Each client checks its own update before masking
 (finite, inside the clipping range); the server checks the aggregate and
-drops a round whose aggregate is malformed. Scalar metrics (ε, loss, label
-counts) still arrive per site, in the clear: the ledger needs them.
+drops a round whose aggregate is malformed. The ledger's figures (ε, δ, budget)
+still arrive per site, in the clear: the server ledger needs them.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from client.secure_aggregation import ARRAY_KEYS, CLIPPING_RANGE, MAX_WEIGHT
 from common.checks import CheckFailed, check_weights
 from common.config import RunConfig
 
-from .strategy import LedgerFedAvg, weighted_train_loss
+from .strategy import LedgerFedAvg, count_sites
 
-_SITE_KEYS = ("site", "reason")
+_SITE_KEYS = ("site", "reason", "privacy-unit")
 
 
 def _split(metrics: dict) -> tuple[str, str, dict]:
-    """Legacy metrics carry the site name and reason next to the numbers."""
+    """Legacy metrics carry the site name, reason and privacy unit next to the numbers."""
     return str(metrics["site"]), str(metrics.get("reason", "")), {k: v for k, v in metrics.items() if k not in _SITE_KEYS}
 
 
@@ -83,7 +83,8 @@ class SecureFedAvg(FedAvg):
         admitted = []
         for proxy, res in results:
             site, reason, metrics = _split(res.metrics)
-            if self.rounds.admit(server_round, proxy.node_id, site, metrics, reason, update=None):
+            unit = str(res.metrics["privacy-unit"]) if "privacy-unit" in res.metrics else None
+            if self.rounds.admit(server_round, proxy.node_id, site, metrics, reason, update=None, privacy_unit=unit):
                 admitted.append(metrics)
         arrays = None
         if admitted:  # every result carries the same unmasked aggregate; no single update exists here
@@ -98,7 +99,7 @@ class SecureFedAvg(FedAvg):
         if arrays is None:
             return None, {}
         self.latest = arrays
-        return ndarrays_to_parameters(arrays.to_numpy_ndarrays()), weighted_train_loss(admitted, "num-examples")
+        return ndarrays_to_parameters(arrays.to_numpy_ndarrays()), count_sites(admitted)
 
     def aggregate_evaluate(self, server_round, results, failures):
         for _, res in results:

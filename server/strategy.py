@@ -25,15 +25,17 @@ def ema_update(ema: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]
     return {k: (decay * ema[k] + (1 - decay) * v) if v.is_floating_point() else v.clone() for k, v in new.items()}
 
 
-def weighted_train_loss(metrics: list, weighted_by_key: str) -> dict[str, float]:
-    """Example-weighted mean of ``train-loss``; per-site ε is kept in the ledger, not averaged."""
-    total = sum(float(m[weighted_by_key]) for m in metrics)
-    loss = sum(float(m["train-loss"]) * float(m[weighted_by_key]) for m in metrics) / max(total, 1e-12)
-    return {"train-loss": loss, weighted_by_key: total}
+# Sites send no example counts (private), so FedAvg weighs every site the same: each sends weight 1.
+WEIGHT_KEY = "weight"
 
 
-def mean_train_loss(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    return MetricRecord(weighted_train_loss([next(iter(r.metric_records.values())) for r in replies], weighted_by_key))
+def count_sites(metrics: list) -> dict[str, float]:
+    """The round's only aggregate metric: how many sites were averaged (per-site ε is in the ledger)."""
+    return {"sites-averaged": float(len(metrics))}
+
+
+def site_count(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    return MetricRecord(count_sites(replies))
 
 
 class LedgerFedAvg(FedAvg):
@@ -48,7 +50,9 @@ class LedgerFedAvg(FedAvg):
     """
 
     def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0, **kwargs):
-        kwargs.setdefault("train_metrics_aggr_fn", mean_train_loss)
+        kwargs.setdefault("train_metrics_aggr_fn", site_count)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", site_count)
+        kwargs.setdefault("weighted_by_key", WEIGHT_KEY)
         super().__init__(**kwargs)
         self.ema_decay = ema_decay
         self.ema: dict[str, torch.Tensor] | None = None
@@ -57,10 +61,9 @@ class LedgerFedAvg(FedAvg):
         self.ledger = ledger
         # Rounds already done before a restart: Flower counts from 1 again, we continue.
         self.round_offset = round_offset
-        self.history: dict = {"train": [], "evaluate": [], "label_counts": {}}
+        self.history: dict = {"train": [], "evaluate": []}
         if (run_dir / "history.json").exists():
             self.history = {**self.history, **json.loads((run_dir / "history.json").read_text())}
-        self.label_counts: dict[str, list[int]] = self.history["label_counts"]
         self.evaluation_only: dict[int, str] = {}  # node id -> site
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -81,13 +84,15 @@ class LedgerFedAvg(FedAvg):
             content = msg.content
             update = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
             site, reason = str(content["site"]["site"]), str(content["site"]["reason"])
-            if self.admit(server_round, msg.metadata.src_node_id, site, dict(content["metrics"]), reason, update):
+            unit = str(content["site"]["privacy-unit"]) if "privacy-unit" in content["site"] else None
+            if self.admit(server_round, msg.metadata.src_node_id, site, dict(content["metrics"]), reason, update, unit):
                 accepted.append(msg)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         self.finish_round(server_round, arrays)
         return arrays, metrics
 
-    def admit(self, server_round: int, node_id: int, site: str, metrics: dict, reason: str, update: dict | None) -> bool:
+    def admit(self, server_round: int, node_id: int, site: str, metrics: dict, reason: str, update: dict | None,
+              privacy_unit: str | None = None) -> bool:
         """Ledger and history for one site's reply; True when its update may be averaged in.
 
         ``update`` is None under secure aggregation: the server never sees it.
@@ -103,13 +108,12 @@ class LedgerFedAvg(FedAvg):
                 log(WARNING, "Rejected round %d update: %s", server_round, exc)
                 self.ledger.record(site, server_round, metrics, f"update rejected: {exc}", rejected=True)
                 return False
-        self.ledger.record(site, server_round, metrics, reason)
+        self.ledger.record(site, server_round, metrics, reason, privacy_unit=privacy_unit)
         if metrics.get("declined"):
             log(WARNING, "Site %s declined round %d: %s", site, server_round, reason)
             return False
-        self.label_counts[site] = [int(metrics[k]) for k in sorted(metrics) if k.startswith("label-count-")]
         self.history["train"].append({"round": server_round, "site": site, **metrics})
-        log(INFO, "Site %s: loss %.4f, epsilon %.3f", site, metrics["train-loss"], metrics.get("epsilon", float("nan")))
+        log(INFO, "Site %s: epsilon %.3f", site, metrics.get("epsilon", float("nan")))
         return True
 
     def finish_round(self, server_round: int, arrays: ArrayRecord | None) -> None:

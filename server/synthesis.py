@@ -13,13 +13,14 @@ from common.runtime import pick_device, sha256_file, sha256_state_dict, versions
 from common.security.signing import load_or_create_signing_key, sign_release
 
 
-def class_counts(run: RunConfig, pooled_label_counts: list[int]) -> list[int]:
-    """Images per class: ``synthesis.class_mix`` if set, else the sites' pooled label mix."""
+def class_counts(run: RunConfig) -> list[int]:
+    """Images per class: ``synthesis.class_mix`` if set, else uniform. A public input: the
+    sites' own label counts never leave them (they would be an unaccounted release)."""
     k = run.model.num_classes
     if run.synthesis.class_mix:
         mix = np.array([run.synthesis.class_mix.get(c, 0.0) for c in range(k)], dtype=float)
     else:
-        mix = np.array(pooled_label_counts[:k], dtype=float)
+        mix = np.ones(k)
     if mix.sum() <= 0:
         raise ValueError("synthesis.class_mix: shares must sum to a positive number")
     mix = mix / mix.sum()
@@ -29,10 +30,10 @@ def class_counts(run: RunConfig, pooled_label_counts: list[int]) -> list[int]:
 
 
 def synthesize(
-    run: RunConfig, weights: dict[str, torch.Tensor], pooled_label_counts: list[int], out_dir: Path, provenance: dict, signing_key: Path
+    run: RunConfig, weights: dict[str, torch.Tensor], out_dir: Path, provenance: dict, signing_key: Path
 ) -> Path:
     """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and ``manifest.json``, signed with ``signing_key``."""
-    counts = class_counts(run, pooled_label_counts)
+    counts = class_counts(run)
     labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
     gen = build_generator(run.model)
     gen.load_state_dict(weights)
@@ -49,7 +50,7 @@ def synthesize(
         "files": {data_path.name: sha256_file(data_path)},
         "num_images": int(len(labels)),
         "class_counts": counts,
-        "class_mix": "configured" if run.synthesis.class_mix else "pooled site label distribution",
+        "class_mix": "configured (public)" if run.synthesis.class_mix else "uniform (public)",
         "generator": run.model.name,
         "sampler": {"name": "DDIM" if run.model.name == "ddpm" else "ancestral", "steps": run.synthesis.ddim_steps, "eta": 0.0, "seed": seed},
         "model_sha256": sha256_state_dict(weights),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.data.medmnist import DataError
+from common.privacy import PrivacyRefusal
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -48,6 +50,31 @@ def _evaluate(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir).resolve()
     evaluate_run(load_run_dir(run_dir), run_dir)
     print(f"wrote {run_dir / 'report.json'} and {run_dir / 'report.html'}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from common.evaluation.audit import audit_federation
+
+    out = audit_federation(args.config, args.profile, args.output_dir, args.site, args.canaries)
+    for r in json.loads((out / "audit.json").read_text())["sites"]:
+        flag = "VIOLATION" if r["violation"] else "ok"
+        print(f"{r['site']}: epsilon accounted {r['epsilon_accounted']}, empirical lower bound {r['epsilon_lower']:.3f} -> {flag}")
+    print(f"wrote {out / 'audit.json'} and {out / 'audit.html'}")
+
+
+def _ledger(args: argparse.Namespace) -> None:
+    from common.privacy import reseal
+
+    path = Path(args.ledger)
+    if path.is_dir():
+        path = path / "privacy_ledger.json"
+    if args.action == "show":
+        print(path.read_text())
+        return
+    if not args.reason:
+        raise ConfigError("ledger reseal: --reason is required (it is recorded in the ledger)")
+    event = reseal(path, args.reason)
+    print(f"resealed {path}: epsilon spent {event['epsilon_spent']:.4f}; recorded: {event}")
 
 
 def _ingest(args: argparse.Namespace) -> None:
@@ -171,6 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser("audit", help="empirical privacy audit: a statistical lower bound on each site's epsilon")
+    p.add_argument("config", help="simulation YAML, e.g. simulations/demo.yaml")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--site", action="append", help="audit only this training site (repeatable)")
+    p.add_argument("--canaries", type=int, default=None, help="canaries per site (default: evaluation.audit.canaries)")
+    p.add_argument("--output-dir", default=None)
+    p.set_defaults(func=_audit)
+
+    p = sub.add_parser("ledger", help="hospital operator: show a site's privacy ledger, or reseal it after review")
+    p.add_argument("action", choices=["show", "reseal"])
+    p.add_argument("ledger", help="the ledger file or the site's state folder")
+    p.add_argument("--reason", help="reseal: why the operator accepts the ledger as it is (recorded)")
+    p.set_defaults(func=_ledger)
+
     p = sub.add_parser("ingest", help="turn a site's DICOM / NIfTI / image folder into cached, de-identified slices")
     p.add_argument("site", help="site YAML, e.g. sites/hospital_e.yaml")
     p.add_argument("--image-size", type=int, default=32, help="model image size (default 32)")
@@ -222,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, PrivacyRefusal, ValueError) as exc:
         print(f"fedsynth: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -80,7 +80,7 @@ def compare(config: str, profile: str = "quick", output_dir: str | None = None) 
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f3f3f3}}</style></head><body>
 <h1>fedsynth compare: {html.escape(result['name'])}</h1>
 <p>Base {html.escape(str(base))}, profile {html.escape(profile)}; wall time {result['wall_time_s']:.0f} s. Each model's full report is in its own folder.
-ε max is n/a for a non-private baseline. Definitions: docs/metrics.md.</p>{table}<h2>Samples</h2>{imgs}</body></html>""")
+ε max is n/a for a non-private baseline. Definitions: docs/metrics.md.</p>{table}<h2>Samples</h2>{imgs}</body></html>""", encoding="utf-8")
     console.rule("[bold]Comparison")
     for r in rows:
         console.print("  ".join(f"{k}={fmt(r[k]) if not isinstance(r[k], bool) else r[k]}" for k, _ in COLUMNS))

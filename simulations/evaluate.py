@@ -15,13 +15,18 @@ from tqdm.auto import tqdm
 
 from common.config import RunConfig
 from common.data import SiteData, load_site
+from common.evaluation.audit import audit_site
 from common.metrics.attacks import attack_metrics, nearest_neighbour_report
 from common.metrics.fidelity import build_extractor, extract, fid_kid, msssim_diversity
 from common.metrics.fup import fidelity_score, fup_score, privacy_score, utility_score
 from common.metrics.utility import score_classifier, train_classifier
 from common.models.generators import build_generator
 from common.runtime import pick_device
+from client.client_app import SENT_METRICS
 from server.synthesis import load_synthetic
+
+# What else a site sent besides its DP-SGD weights (and why it may): client.client_app.SENT_METRICS.
+RELEASED = ["model weights (DP-SGD, accounted)", *(f"{k}: {why}" for k, why in SENT_METRICS.items())]
 
 
 def _subsample(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,10 +126,21 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
         nonmember = generator.membership_scores(h_x, h_y, run.seed, device)
         mi = attack_metrics(member, nonmember)
         spent = ledger.get(name, {})
+        site_cfg = next(c for c in run.training_sites if c.name == name)
+        audit = audit_site(run, site_cfg, s, ev.audit.canaries, run.seed, device) if ev.audit.enabled else None
         privacy["sites"][name] = {
             "epsilon": spent.get("epsilon"),  # None: trained without DP
             "delta": spent.get("delta"),
             "epsilon_budget": spent.get("epsilon_budget"),
+            "accountant": run.training.accountant if run.training.dp else None,
+            # The unit of privacy: a patient where the source knows patients, else an image
+            # (MedMNIST has no patient ids: one patient's several images would be several units).
+            "privacy_unit": s.privacy_unit,
+            "privacy_unit_note": "" if s.privacy_unit == "patient" else "no patient ids in this source; each image is treated as one person",
+            "max_records_per_unit": s.max_records_per_unit,
+            "epsilon_lower": None if audit is None else audit["epsilon_lower"],
+            "audit": audit,
+            "released": RELEASED,
             "rounds_trained": spent.get("rounds_trained", 0),
             "declined_rounds": spent.get("declined_rounds", []),
             "mi_auc": mi["auc"],

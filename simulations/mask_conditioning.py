@@ -134,7 +134,8 @@ def mask_demo(config: str, output_dir: str | None = None, overrides: dict | None
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>fedsynth mask demo</title></head><body style='font-family:sans-serif'>"
         f"<h1>Mask-conditioned DDPM on {site.name}</h1>{html_table(rows, ['figure', 'value'])}"
-        + "".join(f"<div><img src='{g}'></div>" for g in grids) + "</body></html>"
+        + "".join(f"<div><img src='{g}'></div>" for g in grids) + "</body></html>",
+        encoding="utf-8",
     )
     console.print(f"mask contrast {follow} | Dice {dices} | {report['wall_time_s']:.0f} s -> {out}")
     return out, report

@@ -69,6 +69,8 @@ def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None)
 
     metrics, previews = evaluate_release(run, run_dir)
     history = json.loads((run_dir / "history.json").read_text())
+    # A simulation's researcher holds the sites' state folders: their local logs feed the loss plot.
+    history["local"] = {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "clients").glob("*/local_log.json"))}
     report = {
         "run": {
             "name": run.name,

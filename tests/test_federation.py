@@ -22,16 +22,15 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def reply(site: str, weights: dict, n: int, declined: bool = False, eps: float = 1.0) -> Message:
-    metrics = {"num-examples": float(n), "train-loss": 0.5, "epsilon": eps, "epsilon-budget": 8.0, "delta": 1e-5,
-               "label-count-0": 3.0, "label-count-1": 4.0, "declined": float(declined)}
+def reply(site: str, weights: dict, declined: bool = False, eps: float = 1.0) -> Message:
+    metrics = {"weight": 1.0, "epsilon": eps, "epsilon-budget": 8.0, "delta": 1e-5, "declined": float(declined)}
     content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": site, "reason": "budget spent" if declined else ""})}
     if not declined:
         content["arrays"] = ArrayRecord(weights)
     return Message(content=RecordDict(content), dst_node_id=0, message_type=MessageType.TRAIN)
 
 
-def test_fedavg_weights_by_examples_skips_declined_sites_and_checkpoints(tmp_path):
+def test_fedavg_weighs_sites_equally_skips_declined_sites_and_checkpoints(tmp_path):
     ledger = ServerLedger(tmp_path / "ledger.json")
     strategy = LedgerFedAvg(tmp_path, ledger, min_train_nodes=1, min_available_nodes=1)
     strategy.current = {"w": torch.zeros(3), "b": torch.ones(2)}
@@ -39,12 +38,13 @@ def test_fedavg_weights_by_examples_skips_declined_sites_and_checkpoints(tmp_pat
     b = {"w": torch.full((3,), 4.0), "b": torch.full((2,), 3.0)}
     c = {"w": torch.full((3,), 100.0), "b": torch.full((2,), 100.0)}
     arrays, metrics = strategy.aggregate_train(
-        1, [reply("a", a, 300), reply("b", b, 100), reply("c", c, 999, declined=True, eps=8.0)]
+        1, [reply("a", a), reply("b", b), reply("c", c, declined=True, eps=8.0)]
     )
     avg = arrays.to_torch_state_dict()
-    assert torch.allclose(avg["w"], torch.full((3,), 1.0))  # (0*300 + 4*100) / 400
-    assert torch.allclose(avg["b"], torch.full((2,), 1.5))
-    assert metrics["num-examples"] == 400
+    # Example counts are private, so sites weigh the same: (0 + 4) / 2.
+    assert torch.allclose(avg["w"], torch.full((3,), 2.0))
+    assert torch.allclose(avg["b"], torch.full((2,), 2.0))
+    assert metrics["sites-averaged"] == 2
     summary = ledger.summary()
     assert summary["c"]["declined_rounds"] == [1] and summary["c"]["history"][0]["reason"] == "budget spent"
     assert summary["a"]["rounds_trained"] == 1 and summary["a"]["epsilon"] == 1.0
@@ -63,7 +63,7 @@ def test_malformed_updates_are_rejected_and_logged_never_averaged(tmp_path):
         "dtype": {"w": torch.zeros(3, dtype=torch.float64), "b": torch.ones(2)},
         "nan": {"w": torch.tensor([0.0, float("nan"), 0.0]), "b": torch.ones(2)},
     }
-    replies = [reply("good", good, 10)] + [reply(name, w, 1000) for name, w in bad.items()]
+    replies = [reply("good", good)] + [reply(name, w) for name, w in bad.items()]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert torch.equal(arrays.to_torch_state_dict()["w"], good["w"])  # only the good one counted
     summary = ledger.summary()
@@ -75,7 +75,7 @@ def test_malformed_updates_are_rejected_and_logged_never_averaged(tmp_path):
 
 def test_all_sites_declining_keeps_the_previous_model(tmp_path):
     strategy = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "l.json"), min_train_nodes=1, min_available_nodes=1)
-    arrays, _ = strategy.aggregate_train(2, [reply("a", {}, 10, declined=True)])
+    arrays, _ = strategy.aggregate_train(2, [reply("a", {}, declined=True)])
     assert arrays is None and not (tmp_path / "checkpoints").exists()
 
 
@@ -114,7 +114,7 @@ def test_clientapp_trains_then_declines_with_a_reason_and_sends_no_pixels(tiny_r
 
     out = app(_train_message(tiny_run, tmp_path, 99), ctx)
     assert out.content["metrics"]["declined"] == 1
-    assert "budget" in out.content["site"]["reason"]
+    assert "past the 2 rounds" in out.content["site"]["reason"]
     assert "arrays" not in out.content
     assert out.content["metrics"]["epsilon"] == pytest.approx(eps)
 

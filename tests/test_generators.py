@@ -57,7 +57,7 @@ def test_dp_training_choices_keep_the_accounting(choice, tiny_run, tmp_path):
     plain = dataclasses.replace(tiny_run, training=dataclasses.replace(tiny_run.training, batch_size=run.training.batch_size))
     ref = train_round(plain, site, _site(), weights, 1, tmp_path / "b", torch.device("cpu"))
     assert res.metrics["epsilon"] == pytest.approx(ref.metrics["epsilon"])
-    assert res.metrics["steps"] == run.training.local_steps
+    assert res.local["steps"] == run.training.local_steps
     assert any(not torch.equal(weights[k], res.weights[k]) for k in weights if weights[k].is_floating_point())
 
 

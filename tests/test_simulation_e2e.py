@@ -97,3 +97,21 @@ def test_a_paused_or_restarted_run_resumes_from_its_checkpoint(shared_data, tmp_
     assert [r["round"] for r in client["rounds"]] == [1, 2] and client["epsilon_spent"] <= 8.0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["privacy"]["sites"]["hospital_a"]["rounds_trained"] == 2
+
+
+def test_report_states_each_sites_guarantee_unit_and_audit(finished_run):
+    run_dir, report = finished_run
+    for name, s in report["privacy"]["sites"].items():
+        assert s["accountant"] == "rdp" and s["delta"] == 1e-5
+        assert s["privacy_unit"] == "image" and "no patient ids" in s["privacy_unit_note"]  # MedMNIST
+        assert s["max_records_per_unit"] == 1
+        assert 0 <= s["epsilon_lower"] <= s["epsilon"] and s["audit"]["violation"] is False
+        assert s["released"][0].startswith("model weights") and any(r.startswith("epsilon:") for r in s["released"])
+    manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
+    assert {s["privacy_unit"] for s in manifest["sites"].values()} == {"image"}
+    assert manifest["class_mix"] == "uniform (public)"
+    html = (run_dir / "report.html").read_text()
+    assert "epsilon_lower" in html and "privacy_unit" in html
+    # What stayed at the sites: losses are in their local logs, never in what the server kept.
+    assert "loss" not in (run_dir / "history.json").read_text()
+    assert "train_loss" in (run_dir / "clients" / "hospital_a" / "local_log.json").read_text()

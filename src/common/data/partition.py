@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+
+
+def first_occurrences(images: np.ndarray) -> np.ndarray:
+    """Sorted indices that keep the first copy of every exactly repeated image (SHA-256 of its bytes)."""
+    seen: set[bytes] = set()
+    keep = []
+    for i, image in enumerate(images):
+        digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(i)
+    return np.array(keep, dtype=np.int64)
 
 
 def label_skewed_partition(

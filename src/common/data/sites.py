@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, SiteConfig
 from .acquisition import apply_profile
 from .medmnist import DataError, load_splits, locate
-from .partition import holdout_split, label_skewed_partition
+from .partition import first_occurrences, holdout_split, label_skewed_partition
 
 
 @dataclass
@@ -34,6 +34,26 @@ class SiteData:
     # (N, 1, S, S) uint8 masks, for sites whose scans come with masks
     train_masks: torch.Tensor | None = None
     holdout_masks: torch.Tensor | None = None
+    # The unit of privacy of each training row (a pseudonymised patient), when the source
+    # knows patients; None means every image is its own unit (MedMNIST has no patient ids).
+    train_units: list[str] | None = None
+
+    @property
+    def privacy_unit(self) -> str:
+        return "image" if self.train_units is None else "patient"
+
+    def unit_groups(self) -> list[np.ndarray]:
+        """Training-row indices of each privacy unit (one list per patient, or one per image)."""
+        if self.train_units is None:
+            return [np.array([i]) for i in range(len(self.train_x))]
+        order: dict[str, list[int]] = {}
+        for i, unit in enumerate(self.train_units):
+            order.setdefault(unit, []).append(i)
+        return [np.array(v) for v in order.values()]
+
+    @property
+    def max_records_per_unit(self) -> int:
+        return max((len(g) for g in self.unit_groups()), default=0)
 
     def label_counts(self, num_classes: int) -> list[int]:
         y = torch.cat([self.train_y, self.holdout_y])
@@ -50,7 +70,11 @@ def to_model_space(images_u8: np.ndarray, size: int) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def _read(path: str, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    return load_splits(Path(path), list(splits))
+    """The source's images with exact duplicates removed (by content hash) before any split:
+    a copy on both sides of a split would count a training image as held out."""
+    x, y = load_splits(Path(path), list(splits))
+    keep = first_occurrences(x)
+    return x[keep], y[keep]
 
 
 def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,7 +128,8 @@ def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
     tr_idx, ho_idx = torch.from_numpy(np.flatnonzero(~ho)), torch.from_numpy(np.flatnonzero(ho))
     masks = None if res.masks is None else torch.from_numpy(res.masks)
     return SiteData(site.name, images[tr_idx], labels[tr_idx], images[ho_idx], labels[ho_idx],
-                    None if masks is None else masks[tr_idx], None if masks is None else masks[ho_idx])
+                    None if masks is None else masks[tr_idx], None if masks is None else masks[ho_idx],
+                    train_units=[res.patients[i] for i in tr_idx.tolist()])
 
 
 def patient_holdout(patients: list[str], labels: np.ndarray, fraction: float, seed: int, site: str = "") -> np.ndarray:

@@ -47,3 +47,15 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, xl
     if series:
         ax.legend(fontsize=7)
     return to_data_uri(fig)
+
+
+def histogram(groups: dict[str, list[float]], title: str, xlabel: str, bins: int = 40) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for label, values in groups.items():
+        ax.hist(values, bins=bins, alpha=0.55, label=label)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return to_data_uri(fig)

@@ -23,6 +23,9 @@ class Generator(ABC):
     private: ClassVar[str]
 
     supports_masks: ClassVar[bool] = False
+    # The expected (public) batch size of DP training, set by the trainer: a generator that
+    # draws data-independent rows (the DP-GAN's fakes) sizes them by it, never by the private batch.
+    batch_size: int | None = None
 
     def __init__(self, cfg: ModelConfig):
         if cfg.mask_channels and not self.supports_masks:

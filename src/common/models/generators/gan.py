@@ -4,6 +4,12 @@ DCGAN-style model). It stands in for StyleGAN2 / MedGAN in the papers; it is nei
 Under DP the discriminator is the private module (DP-GAN; Xie et al. 2018): only it
 sees real images, trained with DP-SGD; the generator learns from the discriminator
 alone, which is post-processing. Non-saturating loss (Goodfellow et al. 2014).
+
+The fake half of each discriminator batch must not depend on the private batch:
+its size is the *expected* batch size and its labels are drawn from a public class
+mix (uniform). Were it conditioned on the private labels and size (as it once was),
+one record would move a real row and a fake row, a sensitivity of 2C where the
+accountant assumes C, and the generator step would read private labels unnoised.
 """
 
 from __future__ import annotations
@@ -63,13 +69,20 @@ class GAN(Generator):
     def optimizers(self, lr):
         return {m: torch.optim.Adam(mod.parameters(), lr=lr, betas=(0.5, 0.999)) for m, mod in self.modules.items()}
 
+    def fake_batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` latent draws and labels from the public (uniform) class mix: no private input."""
+        z = torch.randn(n, self.cfg.latent_size, device=device)
+        fake_y = torch.randint(0, self.cfg.num_classes, (n,), device=device)
+        return z, fake_y
+
     def train_step(self, private, optimizers, x, y, masks=None):
         g, d_opt, g_opt = self.modules["generator"], optimizers["discriminator"], optimizers["generator"]
-        z = torch.randn(len(x), self.cfg.latent_size, device=x.device)
-        fake = g(z, y)
+        n_fake = self.batch_size or len(x)  # the expected (public) batch size under DP
+        z, fake_y = self.fake_batch(n_fake, x.device)
+        fake = g(z, fake_y)
         # Discriminator: real and fake in one batch, so one (DP) step per iteration.
-        logits = private(torch.cat([x, fake.detach()]), torch.cat([y, y]))
-        target = torch.cat([torch.ones(len(x)), torch.zeros(len(x))]).to(x.device)
+        logits = private(torch.cat([x, fake.detach()]), torch.cat([y, fake_y]))
+        target = torch.cat([torch.ones(len(x)), torch.zeros(n_fake)]).to(x.device)
         d_loss = F.binary_cross_entropy_with_logits(logits, target)
         d_opt.zero_grad()
         d_loss.backward()
@@ -78,7 +91,7 @@ class GAN(Generator):
         toggle = getattr(private, "disable_hooks", None)
         if toggle:
             private.disable_hooks()
-        g_loss = F.binary_cross_entropy_with_logits(private(fake, y), torch.ones(len(x), device=x.device))
+        g_loss = F.binary_cross_entropy_with_logits(private(fake, fake_y), torch.ones(n_fake, device=x.device))
         g_opt.zero_grad()
         g_loss.backward()
         g_opt.step()

@@ -1,0 +1,1 @@
+"""Release evaluation, studies and audits (used by simulations and by the server's export gate)."""
