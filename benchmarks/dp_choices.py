@@ -66,7 +66,7 @@ def main() -> None:
                 res = train_round(run, site, data, weights, r, Path(state), device)
                 weights = res.weights
                 history.append(weights)
-                eps = {"epsilon": res.metrics["epsilon"], "noise_multiplier": res.metrics["noise_multiplier"]}
+                eps = {"epsilon": res.metrics["epsilon"], "noise_multiplier": res.local["noise_multiplier"]}
         return history, time.perf_counter() - t, eps
 
     def fid(weights: dict) -> float:

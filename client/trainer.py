@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import warnings
 from contextlib import ExitStack
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -63,7 +65,7 @@ def ledger_for(run: RunConfig, site: SiteConfig, state_dir: Path) -> PrivacyLedg
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator seeded from the OS's CSPRNG: nobody outside this process can re-derive its draws."""
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
 class UnitDataset(Dataset):
@@ -113,8 +115,13 @@ def train_round(
     """
     cfg = run.training
     torch.set_num_threads(cfg.threads_per_client)
-    # Public, reproducible randomness only: timesteps, diffusion noise, label dropout, GAN latents.
-    seed_everything(run.seed + 10_007 * server_round + sum(map(ord, site.name)))
+    if cfg.dp:
+        # Every per-row draw (timesteps, diffusion noise, label dropout, latents, which slice a
+        # patient shows) is secret too: a public stream assigned by batch position would let one
+        # added patient shift every other row's draws, past the sensitivity C the accountant assumes.
+        seed_everything(secrets.randbits(64))
+    else:  # a non-private simulation baseline stays reproducible from the run seed
+        seed_everything(run.seed + 10_007 * server_round + sum(map(ord, site.name)))
 
     gen = build(run) if build else build_generator(run.model)
     check_weights(global_weights, gen.state_dict(), f"round {server_round} global model")
@@ -134,25 +141,31 @@ def train_round(
         if data.train_masks is None:
             raise ValueError(f"site {site.name}: model.mask_channels > 0 but the site's scans have no masks")
         tensors.append(data.train_masks)
-    dataset = private_dataset(data, tensors)
 
     if not cfg.dp:
         warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
+        loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True)
         losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual=False)
         return _result(gen, site, state_dir, server_round, losses, {}, {"steps": cfg.local_steps})
 
     if server_round > cfg.rounds:
         raise BudgetExceeded(f"round {server_round} is past the {cfg.rounds} rounds this site's noise was planned for")
-    ledger = ledger_for(run, site, state_dir)
+    dataset = private_dataset(data, tensors)
     units = len(dataset)
+    # q from the *declared* (public) unit count when the site declares one, so that ε reveals
+    # nothing about how many patients it holds; else from the true count (then ε reveals it).
+    public_units = site.privacy.units or units
+    if site.privacy.delta >= 1.0 / units:
+        warnings.warn(f"site {site.name}: delta={site.privacy.delta:g} is not below 1/{units} privacy units; "
+                      "the guarantee allows leaking whole patients", UserWarning)
+    ledger = ledger_for(run, site, state_dir)
     with ledger.session():
-        q = min(1.0, cfg.batch_size / units)
+        q = min(1.0, cfg.batch_size / public_units)
         rounds_left = max(1, cfg.rounds - server_round + 1)
         sigma = ledger.noise_for_remaining(q, cfg.local_steps, rounds_left)
         ledger.reserve(server_round, sigma, q, cfg.local_steps)  # counted before the first step
-        sampling = secret_generator("cpu")
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=sampling)
+        # Poisson sampling at exactly q, from a secret generator (Opacus' own wrapper would use 1/len(loader)).
+        loader = DPDataLoader(dataset, sample_rate=q, generator=secret_generator("cpu"))
         with warnings.catch_warnings():
             # "Secure RNG turned off": we pass secret generators for sampling and noise ourselves.
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
@@ -160,15 +173,16 @@ def train_round(
         private, optimizers[gen.private], loader = engine.make_private(
             module=private,
             optimizer=optimizers[gen.private],
-            data_loader=loader,  # Poisson sampling draws from ``sampling`` (the loader's generator)
+            data_loader=loader,  # already Poisson: left as it is
             noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,
             noise_generator=secret_generator(device),
             # Noise multiplicity needs per-sample gradients of the whole wrapper (functorch).
             grad_sample_mode="functorch" if cfg.noise_multiplicity > 1 else cfg.grad_sample_mode,
         )
         optimizers[gen.private].secure_mode = True  # noise as a sum of draws: the floating-point attack fix
+        optimizers[gen.private].expected_batch_size = cfg.batch_size  # normalise by a public constant
         virtual = bool(cfg.max_physical_batch_size and cfg.max_physical_batch_size < cfg.batch_size)
         losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual)
         ledger.commit(server_round)
@@ -194,10 +208,10 @@ def _train_loop(gen, private, optimizers, loader, cfg, device, virtual: bool) ->
             except StopIteration:
                 batches = iter(loader)
                 continue
-            if len(x) == 0:  # Poisson sampling drew nobody: the step still releases noise
-                if cfg.dp and not virtual:
+            if len(x) == 0:  # Poisson sampling drew nobody: the step still releases noise, and counts
+                if cfg.dp:
                     noise_only_step(private_opt)
-                steps += 0 if virtual else 1
+                steps += 1
                 continue
             masks = m[0].to(device) if m else None
             losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
@@ -207,6 +221,7 @@ def _train_loop(gen, private, optimizers, loader, cfg, device, virtual: bool) ->
 
 def noise_only_step(optimizer) -> None:
     """An empty Poisson batch: the DP optimizer still adds noise and steps, as the accountant assumes."""
+    optimizer.zero_grad()
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
@@ -225,11 +240,19 @@ def _result(gen, site, state_dir: Path, server_round: int, losses: list[float], 
 
 
 def append_local_log(state_dir: Path, entry: dict) -> None:
-    """The site's own record of what only it may see (losses, mechanism parameters)."""
+    """The site's own record of what only it may see (losses, mechanism parameters); owner-only.
+    A damaged log is set aside, never allowed to lose a round that was already trained."""
     path = Path(state_dir) / "local_log.json"
-    entries = json.loads(path.read_text()) if path.exists() else []
+    try:
+        entries = json.loads(path.read_text()) if path.exists() else []
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+    except (OSError, ValueError):
+        path.replace(path.with_suffix(f".damaged-{secrets.token_hex(4)}.json"))
+        entries = []
     entries.append(entry)
     write_json(path, entries)
+    os.chmod(path, 0o600)
 
 
 def heldout_loss(run: RunConfig, data: SiteData, weights: dict[str, torch.Tensor], device: torch.device, max_images: int = 256) -> float:

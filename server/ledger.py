@@ -51,10 +51,16 @@ class ServerLedger:
 
     @staticmethod
     def _anomaly(previous: list[dict], entry: dict) -> str:
+        problems = []
+        units = [e["privacy_unit"] for e in previous if e.get("privacy_unit")]
+        if units and entry.get("privacy_unit") and entry["privacy_unit"] != units[-1]:
+            problems.append(f"privacy unit changed from {units[-1]} to {entry['privacy_unit']}")
         reported = [e for e in previous if e["epsilon"] is not None]
+        if reported and entry["epsilon"] is None:
+            problems.append("the site stopped reporting its epsilon")
         if not reported or entry["epsilon"] is None:
-            return ""
-        last, problems = reported[-1], []
+            return "; ".join(problems)
+        last = reported[-1]
         if entry["epsilon"] < last["epsilon"] - 1e-9:
             problems.append(f"epsilon went down from {last['epsilon']:.4f} to {entry['epsilon']:.4f}")
         for key in ("epsilon_budget", "delta"):

@@ -57,7 +57,7 @@ def _audit(args: argparse.Namespace) -> None:
 
     out = audit_federation(args.config, args.profile, args.output_dir, args.site, args.canaries)
     for r in json.loads((out / "audit.json").read_text())["sites"]:
-        flag = "VIOLATION" if r["violation"] else "ok"
+        flag = {True: "VIOLATION", False: "ok", None: "no DP guarantee claimed (training.dp is false)"}[r["violation"]]
         print(f"{r['site']}: epsilon accounted {r['epsilon_accounted']}, empirical lower bound {r['epsilon_lower']:.3f} -> {flag}")
     print(f"wrote {out / 'audit.json'} and {out / 'audit.html'}")
 
@@ -73,7 +73,7 @@ def _ledger(args: argparse.Namespace) -> None:
         return
     if not args.reason:
         raise ConfigError("ledger reseal: --reason is required (it is recorded in the ledger)")
-    event = reseal(path, args.reason)
+    event = reseal(path, args.reason, args.epsilon_budget, args.delta)
     print(f"resealed {path}: epsilon spent {event['epsilon_spent']:.4f}; recorded: {event}")
 
 
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["show", "reseal"])
     p.add_argument("ledger", help="the ledger file or the site's state folder")
     p.add_argument("--reason", help="reseal: why the operator accepts the ledger as it is (recorded)")
+    p.add_argument("--epsilon-budget", type=float, help="reseal: a new epsilon budget (recorded)")
+    p.add_argument("--delta", type=float, help="reseal: a new delta (recorded)")
     p.set_defaults(func=_ledger)
 
     p = sub.add_parser("ingest", help="turn a site's DICOM / NIfTI / image folder into cached, de-identified slices")

@@ -25,6 +25,11 @@ from common.runtime import pick_device
 from client.client_app import SENT_METRICS
 from server.synthesis import load_synthetic
 
+UNIT_NOTES = {
+    "patient": "",
+    "scan": "some scans carry no patient id; each such scan is its own unit (a patient with k of them: group privacy, k x epsilon)",
+    "image": "no patient ids in this source; each image is treated as one person",
+}
 # What else a site sent besides its DP-SGD weights (and why it may): client.client_app.SENT_METRICS.
 RELEASED = ["model weights (DP-SGD, accounted)", *(f"{k}: {why}" for k, why in SENT_METRICS.items())]
 
@@ -136,8 +141,12 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
             # The unit of privacy: a patient where the source knows patients, else an image
             # (MedMNIST has no patient ids: one patient's several images would be several units).
             "privacy_unit": s.privacy_unit,
-            "privacy_unit_note": "" if s.privacy_unit == "patient" else "no patient ids in this source; each image is treated as one person",
+            "privacy_unit_note": UNIT_NOTES[s.privacy_unit],
+            # The public count of units that set q (the true count, revealed by ε, when the site declares none).
+            "unit_count_declared": bool(site_cfg.privacy and site_cfg.privacy.units),
             "max_records_per_unit": s.max_records_per_unit,
+            # The audit's own run (the site's mechanism plus canaries) has its own accounted ε:
+            # ε_lower is to be read against that (audit.epsilon_accounted), which is close to the budget.
             "epsilon_lower": None if audit is None else audit["epsilon_lower"],
             "audit": audit,
             "released": RELEASED,

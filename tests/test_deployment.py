@@ -32,9 +32,12 @@ def federation(shared_data, tmp_path_factory):
 @pytest.fixture
 def fresh_budgets(federation):
     """Each test is its own study. A real site keeps one ledger for all runs, so a second
-    run at the same budget would be declined; here every test starts from an unspent one."""
-    for ledger in (federation.tmp / "state").glob("*/privacy_ledger.json"):
-        ledger.unlink()
+    run at the same budget would be declined; here every test starts from an unspent one: the
+    operator's deliberate reset removes the ledger, its key and the log that shows earlier rounds
+    (removing only the ledger is refused as tampering: tests/test_privacy_guarantee.py)."""
+    for name in ("privacy_ledger.json", "privacy_ledger.key", "local_log.json"):
+        for path in (federation.tmp / "state").glob(f"*/{name}"):
+            path.unlink()
     return federation
 
 

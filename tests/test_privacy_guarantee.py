@@ -68,6 +68,8 @@ def test_the_patient_is_the_unit_of_privacy_not_the_image(tiny_run, tmp_path):
     assert res.local["sample_rate"] == pytest.approx(min(1.0, tiny_run.training.batch_size / 4))
     data = _site_data(40, units)
     assert data.privacy_unit == "patient" and data.max_records_per_unit == 10
+    # A scan whose patient is unknown is its own unit, and the report says "scan", not "patient".
+    assert _site_data(40, [*units[:30], *(f"scan-{i}" for i in range(10))]).privacy_unit == "scan"
     dataset = UnitDataset([data.train_x, data.train_y], data.unit_groups())
     assert len(dataset) == 4
     x, _ = dataset[2]
@@ -175,6 +177,16 @@ def _sent(app, run, run_dir, kind) -> dict:
             "arrays": set(out.content["arrays"].keys()) if "arrays" in out.content else set()}
 
 
+def test_a_declared_unit_count_sets_q_so_epsilon_reveals_no_count(tiny_run, tmp_path):
+    site = tiny_run.training_sites[0]
+    declared = dataclasses.replace(site, privacy=dataclasses.replace(site.privacy, units=1000))
+    weights = build_generator(tiny_run.model).state_dict()
+    small = train_round(tiny_run, declared, _site_data(40), weights, 1, tmp_path / "a", CPU)
+    large = train_round(tiny_run, declared, _site_data(60), weights, 1, tmp_path / "b", CPU)
+    assert small.local["sample_rate"] == large.local["sample_rate"] == tiny_run.training.batch_size / 1000
+    assert small.metrics == large.metrics  # everything sent besides the weights is the same
+
+
 def test_a_site_sends_nothing_computed_from_its_images_outside_the_accountant(tiny_run, tmp_path, monkeypatch, task_identity):
     """Every key a client sends is listed with its reason; changing the site's images (same count)
     changes no value it sends except the DP-SGD weights."""
@@ -260,10 +272,21 @@ def test_an_edited_or_deleted_ledger_is_detected_and_the_site_refuses(tiny_run, 
     doc = json.loads(path.read_text())
     doc["epsilon_budget"] = 100.0
     path.write_text(json.dumps(doc))
-    event = reseal(path, "reviewed by the privacy officer")  # an explicit, recorded operator override
+    with pytest.raises(LedgerError):
+        PrivacyLedger(path, site.privacy.epsilon, site.privacy.delta)
+    event = reseal(path, "reviewed by the privacy officer", epsilon_budget=site.privacy.epsilon)  # explicit, recorded
     assert event["reason"] == "reviewed by the privacy officer"
     assert json.loads(path.read_text())["events"][-1]["event"] == "operator_reseal"
     PrivacyLedger(path, site.privacy.epsilon, site.privacy.delta)  # verifies again
+    # A budget or delta changed in the site's YAML does not apply itself: only a recorded reseal can.
+    for budget, delta in ((2 * site.privacy.epsilon, site.privacy.delta), (site.privacy.epsilon, 1e-3)):
+        with pytest.raises(LedgerError, match="reseal"):
+            PrivacyLedger(path, budget, delta)
+    # Deleting the ledger *and* its key does not reset the budget while the site's log shows DP rounds.
+    path.unlink()
+    path.with_suffix(".key").unlink()
+    with pytest.raises(LedgerError, match="local log shows DP rounds"):
+        train_round(tiny_run, site, data, weights, 1, tmp_path, CPU)
 
 
 def test_a_round_is_counted_before_its_first_step(tiny_run, tmp_path, monkeypatch):
@@ -324,8 +347,11 @@ def test_the_server_withholds_the_release_when_a_sites_reports_do_not_add_up(tmp
     ledger.record("b", 1, {"epsilon": 3.0, **base})
     ledger.record("b", 2, {"epsilon": 1.0, **base})  # ε went down
     ledger.record("a", 3, {"epsilon": 5.5, "epsilon-budget": 80.0, "delta": 1e-5})  # budget changed
+    ledger.record("c", 1, {"epsilon": 3.0, **base}, privacy_unit="patient")
+    ledger.record("c", 2, {"declined": 1}, "ledger unreadable", privacy_unit="image")  # ε gone, unit changed
     found = ledger.anomalies()
     assert "epsilon went down" in found["b"][0] and "epsilon_budget changed" in found["a"][0]
+    assert "stopped reporting" in found["c"][0] and "privacy unit changed" in found["c"][0]
     assert ServerLedger(tmp_path / "l.json").anomalies() == found  # survives a restart
 
 
@@ -340,3 +366,17 @@ def test_ledger_files_are_private_to_the_site(tiny_run, tmp_path):
     for name in ("privacy_ledger.json", "privacy_ledger.key"):
         assert os.stat(tmp_path / name).st_mode & 0o077 == 0, name
     assert np.isfinite(PrivacyLedger(tmp_path / "privacy_ledger.json", 8.0, 1e-5).spent)
+
+
+@pytest.mark.parametrize("virtual", [False, True])
+def test_an_empty_poisson_batch_still_adds_noise_and_counts_as_a_step(tiny_run, tmp_path, virtual):
+    """A step that samples nobody must look like any other step: noise, an update, one accounted step."""
+    training = dataclasses.replace(tiny_run.training, max_physical_batch_size=8 if virtual else None)
+    run = dataclasses.replace(tiny_run, training=training)
+    site = dataclasses.replace(tiny_run.training_sites[0],
+                               privacy=dataclasses.replace(tiny_run.training_sites[0].privacy, units=10**9))  # q ~ 3e-8
+    weights = build_generator(run.model).state_dict()
+    res = train_round(run, site, _site_data(), weights, 1, tmp_path, CPU)
+    moved = [k for k in weights if weights[k].is_floating_point() and not torch.equal(weights[k], res.weights[k])]
+    assert moved and res.local["train_loss"] == 0.0  # no image was drawn, yet the weights carry noise
+    assert PrivacyLedger(tmp_path / "privacy_ledger.json", 8.0, 1e-5).history[0][2] == run.training.local_steps

@@ -105,7 +105,8 @@ def test_report_states_each_sites_guarantee_unit_and_audit(finished_run):
         assert s["accountant"] == "rdp" and s["delta"] == 1e-5
         assert s["privacy_unit"] == "image" and "no patient ids" in s["privacy_unit_note"]  # MedMNIST
         assert s["max_records_per_unit"] == 1
-        assert 0 <= s["epsilon_lower"] <= s["epsilon"] and s["audit"]["violation"] is False
+        assert 0 <= s["epsilon_lower"] <= s["audit"]["epsilon_accounted"] <= s["epsilon_budget"]
+        assert s["audit"]["violation"] is False
         assert s["released"][0].startswith("model weights") and any(r.startswith("epsilon:") for r in s["released"])
     manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
     assert {s["privacy_unit"] for s in manifest["sites"].values()} == {"image"}

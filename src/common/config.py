@@ -84,6 +84,9 @@ class PrivacyBudget:
 
     epsilon: float = Field(gt=0, le=100, allow_inf_nan=False)
     delta: float = Field(1e-5, gt=0, le=1e-2, allow_inf_nan=False)
+    # A public, declared count of privacy units (patients) that sets the sampling rate
+    # q = batch / units. Unset: the true count is used, and ε (a function of q) reveals it.
+    units: int | None = Field(None, ge=1)
 
 
 @dataclass(config=STRICT)
@@ -159,11 +162,11 @@ class SecureAggregationConfig:
     # Share of a node's neighbours (as a fraction of the sampled nodes) needed to rebuild the
     # masks of a node that drops out; at least 2 nodes. Higher = more private, less dropout-tolerant.
     reconstruction_threshold: float = Field(0.5, gt=0, le=1)
-    # Weights (times the node's example share) are clipped to +-clipping_range and quantized to
+    # Weights are clipped to +-clipping_range and quantized to
     # quantization_range levels before masking; a node refuses to send weights outside the range.
     clipping_range: float = Field(8.0, gt=0)
     quantization_range: int = Field(2**22, ge=2**8, le=2**24)
-    # Updates are weighted by min(examples, max_weight) / max_weight, as FedAvg weights by examples.
+    # SecAgg+'s weight scale; every site sends weight max_weight (sites weigh equally: counts are private).
     max_weight: float = Field(10_000.0, gt=0)
 
 
@@ -187,7 +190,7 @@ class SynthesisConfig:
     num_images: int = Field(1000, ge=1)
     ddim_steps: int = Field(20, ge=1)
     batch_size: int = Field(250, ge=1)
-    # Share per class label; None means the pooled label distribution of the sites.
+    # Share per class label, a public input; None means uniform (sites never send label counts).
     class_mix: dict[int, float] | None = None
     # The coordinator's Ed25519 release-signing key (PEM); created (0600) on first use.
     # A relative path is relative to the folder holding the run folders.

@@ -27,7 +27,10 @@ from .preprocess import normalise, same_geometry, scan_to_slices, standardise
 from .pseudonym import Pseudonymiser
 from .readers import ScanError, find_dicom_series, list_scans, read_dicom_series, read_image
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: scans without a patient id are their own privacy unit, marked 'scan-'
+
+
+UNKNOWN_PATIENT = "scan-"  # prefix of the unit of a scan whose patient is not known
 
 
 @dataclass
@@ -91,7 +94,7 @@ def discover(site: SiteConfig, root: Path, rows: dict[str, dict]) -> tuple[list[
         if mask is not None:
             listed.add(str(mask.resolve()))
         patient = row.get(src.patient_column, "").strip() if src.patient_column else ""
-        scans.append(Scan(key, chans, mask, _label(row), patient or key))
+        scans.append(Scan(key, chans, mask, _label(row), patient))
     # A scan on disk that the CSV does not name has no label: quarantine, do not drop.
     for p in list_scans(root, src.kind):
         if str(p.resolve()) not in listed:
@@ -112,7 +115,6 @@ def _process(scan: Scan, site: SiteConfig, image_size: int) -> tuple[np.ndarray,
     for files in scan.files:
         if site.source.kind == "dicom":
             image, raw_pid = read_dicom_series(files)
-            raw_pid = raw_pid or scan.key
         else:
             image = read_image(files[0])
         image = standardise(image, pre)
@@ -170,7 +172,9 @@ def ingest_site(site: SiteConfig, image_size: int, progress: bool = True) -> Ing
                 reused += 1
             else:
                 img, msk, raw_pid = _process(scan, site, image_size)
-                pid = pseudonymise(raw_pid)
+                # No patient id: the scan is its own privacy unit, and says so (a patient with several
+                # such scans is several units; docs/privacy.md).
+                pid = pseudonymise(raw_pid) if raw_pid else UNKNOWN_PATIENT + pseudonymise(scan.key)
                 del raw_pid
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(arrays_path, images=img, **({"masks": msk} if msk is not None else {}))

@@ -40,7 +40,11 @@ class SiteData:
 
     @property
     def privacy_unit(self) -> str:
-        return "image" if self.train_units is None else "patient"
+        """"patient" where every scan's patient is known; "scan" where some are not (each such scan
+        is its own unit); "image" where the source knows no patients at all."""
+        if self.train_units is None:
+            return "image"
+        return "scan" if any(u.startswith("scan-") for u in self.train_units) else "patient"
 
     def unit_groups(self) -> list[np.ndarray]:
         """Training-row indices of each privacy unit (one list per patient, or one per image)."""
@@ -55,9 +59,6 @@ class SiteData:
     def max_records_per_unit(self) -> int:
         return max((len(g) for g in self.unit_groups()), default=0)
 
-    def label_counts(self, num_classes: int) -> list[int]:
-        y = torch.cat([self.train_y, self.holdout_y])
-        return torch.bincount(y, minlength=num_classes).tolist()
 
 
 def to_model_space(images_u8: np.ndarray, size: int) -> torch.Tensor:

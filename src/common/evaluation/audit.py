@@ -5,7 +5,7 @@ noise switched off) are invisible to unit tests of the accountant. The audit
 measures what the mechanism actually does:
 
 1. ``m`` canary records are made, and each is inserted into the site's training
-   data independently with probability 1/2 (the auditor's coin flips).
+   data independently with probability 1/2 (the auditor's secret coin flips).
 2. The site's own DP-SGD round (:func:`client.trainer.train_round`: its ledger,
    calibration, patient sampling, Opacus clipping, secret noise) trains for the
    run's rounds, exactly as in the federation.
@@ -25,8 +25,8 @@ attack on 100 crafted canaries gave AUC 0.44-0.56 (docs/privacy.md).
 
 Two attacks, both counted in a Bonferroni correction over every (attack, k):
 ``weights``: score = how far SGD moved the canary's coordinate; ``replay``: the auditor
-re-runs the round with the canaries blanked out, using the run's *public* seed,
-and scores the difference. If the DP randomness could be re-derived from the
+re-runs the round with every canary slot blank, using the run's *public* seed,
+and scores the difference (it needs no knowledge of the coins). If the DP randomness could be re-derived from the
 public seed, replay cancels the noise and separates the canaries perfectly.
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -169,23 +170,27 @@ def audit_site(run: RunConfig, site: SiteConfig, data: SiteData, canaries: int =
     size, channels = run.model.image_size, run.model.in_channels
     m = min(canaries, channels * size * size)
     x_can, where = dirac_canaries(m, channels, size, seed)
-    included = np.random.default_rng(seed + 1).random(m) < 0.5  # the auditor's coin flips
+    # The auditor's coin flips: secret, so that nothing the mechanism's side could know predicts them.
+    included = np.random.default_rng(secrets.randbits(128)).random(m) < 0.5
     y_can = torch.zeros(m, dtype=data.train_y.dtype)
     clip = run.training.max_grad_norm
 
     def build(_run):
         return DiracProbe(run.model, clip)
 
+    # Every canary slot holds a record: the canary when inserted, else a blank image whose gradient
+    # is 0 (its presence changes nothing the mechanism outputs). The dataset's size, and so q, is
+    # the same whatever the coins say, and the replay needs no knowledge of them.
     def with_canaries(blank: bool) -> SiteData:
-        inserted = torch.zeros_like(x_can[included]) if blank else x_can[included]
-        units = None if data.train_units is None else [*data.train_units, *(f"canary-{i}" for i in np.flatnonzero(included))]
-        return dataclasses.replace(data, train_x=torch.cat([data.train_x, inserted]),
-                                   train_y=torch.cat([data.train_y, y_can[included]]), train_masks=None, train_units=units)
+        slots = torch.zeros_like(x_can) if blank else torch.where(torch.from_numpy(included)[:, None, None, None], x_can, 0.0)
+        units = None if data.train_units is None else [*data.train_units, *(f"canary-{i}" for i in range(m))]
+        return dataclasses.replace(data, train_x=torch.cat([data.train_x, slots]),
+                                   train_y=torch.cat([data.train_y, y_can]), train_masks=None, train_units=units)
 
     audit_run = dataclasses.replace(run, model=dataclasses.replace(run.model, mask_channels=0),
                                     training=dataclasses.replace(run.training, noise_multiplicity=1))
     real = _train(audit_run, site, with_canaries(blank=False), device, build)
-    replay = _train(audit_run, site, with_canaries(blank=True), device, build)  # the public seed, no canaries
+    replay = _train(audit_run, site, with_canaries(blank=True), device, build)  # the public seed, every slot blank
     theta = real["weights"]["probe.theta"].double().numpy()[where]
     theta_replay = replay["weights"]["probe.theta"].double().numpy()[where]
     # A canary's gradient is -C e_k, so SGD moves its coordinate *up* by C/B each time it is drawn.

@@ -61,7 +61,9 @@ def noise_for_budget(
     prior = [tuple(h) for h in (spent or [])]
 
     def excess(log_sigma: float) -> float:
-        return epsilon_for(prior + [(math.exp(log_sigma), sample_rate, steps)], delta, accountant) - epsilon
+        with warnings.catch_warnings():  # the search visits σ where RDP's best order is its largest: harmless there
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return epsilon_for(prior + [(math.exp(log_sigma), sample_rate, steps)], delta, accountant) - epsilon
 
     lo, hi = (math.log(s) for s in SIGMA_RANGE)
     if excess(hi) > 0:

@@ -172,29 +172,45 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
     def load(self) -> None:
-        """Read and verify the ledger; a fresh site (no ledger, no key) starts empty."""
+        """Read and verify the ledger; a fresh site (no ledger, no key, no trace of training) starts empty."""
         has_ledger, has_key = self.path.exists(), self.key_path.exists()
         if not has_ledger and not has_key:
+            if self._trained_before():
+                raise LedgerError(f"{self.path.name} and its key are gone but this state folder's local log shows "
+                                  "DP rounds: restore both from backup")
             self.history, self.rounds, self.events = [], [], []
             return
         if not has_ledger:
-            raise LedgerError(f"{self.path.name} is missing but its key exists: the ledger was deleted; "
-                              "restore it from backup (or see `fedsynth ledger reseal`)")
+            raise LedgerError(f"{self.path.name} is missing but its key exists: the ledger was deleted; restore it from backup")
         if not has_key:
-            raise LedgerError(f"{self.key_path.name} is missing: the ledger cannot be verified; restore the key")
+            raise LedgerError(f"{self.key_path.name} is missing: the ledger cannot be verified; restore the key from backup")
         try:
             doc = json.loads(self.path.read_text())
             given = doc.pop("hmac_sha256")
             history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            key = self.key_path.read_bytes()
+            want = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
+            intact = isinstance(given, str) and hmac.compare_digest(given, want)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerError(f"{self.path.name} is unreadable ({type(exc).__name__}); restore it from backup") from None
-        want = hmac.new(self._key(create=False), _canonical(doc), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given, want):
-            raise LedgerError(f"{self.path.name} fails its integrity check (edited?); restore it from backup "
-                              "(or see `fedsynth ledger reseal`)")
+        if not intact:
+            raise LedgerError(f"{self.path.name} fails its integrity check (edited?); restore it from backup, or review it "
+                              "and run `fedsynth ledger reseal`")
         if doc.get("accountant") != self.mechanism:
             raise LedgerError(f"{self.path.name} uses accountant {doc.get('accountant')!r}, the run asks {self.mechanism!r}")
+        # A budget or δ may only change through an operator's recorded reseal, never by editing a YAML.
+        if (doc.get("epsilon_budget"), doc.get("delta")) != (self.epsilon_budget, self.delta):
+            raise LedgerError(f"{self.path.name} holds budget epsilon={doc.get('epsilon_budget')}, delta={doc.get('delta')}; "
+                              f"the site config asks epsilon={self.epsilon_budget:g}, delta={self.delta:g}: "
+                              "an operator must `fedsynth ledger reseal --epsilon-budget/--delta` to change it")
         self.history, self.rounds, self.events = history, doc.get("rounds", []), doc.get("events", [])
+
+    def _trained_before(self) -> bool:
+        log = self.path.parent / "local_log.json"
+        try:
+            return any(e.get("kind") == "train" and "epsilon" in e for e in json.loads(log.read_text()))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return log.exists()
 
     # ------------------------------------------------------------ private
     def _require_lock(self) -> None:
@@ -211,22 +227,30 @@ class PrivacyLedger:
         return self.key_path.read_bytes()
 
 
-def reseal(path: str | os.PathLike, reason: str) -> dict:
-    """Operator override: accept the ledger file as it is now and sign it again.
-
-    The file must still parse; the override, its reason and the ε it then shows are
-    appended to the ledger's ``events``. The operator owns that decision.
+def reseal(path: str | os.PathLike, reason: str, epsilon_budget: float | None = None, delta: float | None = None) -> dict:
+    """Operator override: accept the ledger file as it is now (optionally with a new budget or δ)
+    and sign it again. The file must still parse; the override, its reason, any change and the ε
+    it then shows are appended to the ledger's ``events``. The operator owns that decision.
     """
     path = Path(path)
-    doc = json.loads(path.read_text())
+    if not path.exists():
+        raise LedgerError(f"{path.name} does not exist: restore it from backup (a deleted ledger cannot be resealed)")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError:
+        raise LedgerError(f"{path.name} is not readable JSON: restore it from backup") from None
     doc.pop("hmac_sha256", None)
     ledger = PrivacyLedger.__new__(PrivacyLedger)
     ledger.path, ledger.key_path, ledger.lock_path = path, path.with_suffix(".key"), path.with_suffix(".lock")
     ledger.mechanism, ledger.epsilon_budget, ledger.delta = doc["accountant"], doc["epsilon_budget"], doc["delta"]
     ledger.history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
     ledger.rounds, ledger.events, ledger._locked = doc.get("rounds", []), doc.get("events", []), 1
-    event = {"event": "operator_reseal", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason,
-             "epsilon_spent": ledger.spent}
+    event = {"event": "operator_reseal", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason}
+    for name, new in (("epsilon_budget", epsilon_budget), ("delta", delta)):
+        if new is not None and new != getattr(ledger, name):
+            event[name] = {"from": getattr(ledger, name), "to": float(new)}
+            setattr(ledger, name, float(new))
+    event["epsilon_spent"] = ledger.spent
     ledger.events.append(event)
     ledger.save()
     return event
