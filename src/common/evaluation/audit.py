@@ -37,6 +37,7 @@ import math
 import secrets
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,20 +79,25 @@ def epsilon_lower(m: int, r: int, v: int, delta: float, significance: float) -> 
 
 
 def guess_and_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: float, confidence: float = 0.95) -> dict:
-    """Best ε_lower over every (attack, k) pair, each tested at (1 - confidence) / pairs."""
+    """Best ε_lower over every (attack, k, sides) guess, each tested at (1 - confidence) / tests.
+
+    ``both``: the top k scores are guessed "in" and the bottom k "out"; ``in``: only the top k are
+    guessed, the rest abstain (a canary that was inserted but never sampled looks "out", so the
+    bottom of the ranking can be ambiguous while its top is not).
+    """
     m = len(included)
     ks = sorted({min(k, m // 2) for k in GUESS_COUNTS if m // 2 >= 1})
-    tests = len(scores) * len(ks)
+    tests = len(scores) * len(ks) * 2
     significance = (1 - confidence) / tests
-    best = {"epsilon_lower": 0.0, "attack": None, "guesses": 0, "correct": 0}
+    best = {"epsilon_lower": 0.0, "attack": None, "guesses": 0, "correct": 0, "sides": None}
     for attack, s in scores.items():
         order = np.argsort(-s, kind="stable")
         for k in ks:
-            guessed_in, guessed_out = order[:k], order[-k:]
-            v = int(included[guessed_in].sum() + (~included[guessed_out]).sum())
-            eps = epsilon_lower(m, 2 * k, v, delta, significance)
-            if eps > best["epsilon_lower"] or best["attack"] is None:
-                best = {"epsilon_lower": eps, "attack": attack, "guesses": 2 * k, "correct": v}
+            top = int(included[order[:k]].sum())
+            for sides, r, v in (("both", 2 * k, top + int((~included[order[-k:]]).sum())), ("in", k, top)):
+                eps = epsilon_lower(m, r, v, delta, significance)
+                if eps > best["epsilon_lower"] or best["attack"] is None:
+                    best = {"epsilon_lower": eps, "attack": attack, "guesses": r, "correct": v, "sides": sides}
     return {**best, "tests": tests, "confidence": confidence}
 
 
@@ -155,7 +161,9 @@ def _train(run: RunConfig, site: SiteConfig, data: SiteData, device, build) -> d
     from client.trainer import train_round  # the client's own round, unchanged
 
     weights = build(run).state_dict()
-    with tempfile.TemporaryDirectory(prefix="fedsynth-audit-") as state:
+    # The audit's own rounds repeat library notices (backward hooks, autocast) the user saw in training.
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="fedsynth-audit-") as state:
+        warnings.simplefilter("ignore", UserWarning)
         for r in range(1, run.training.rounds + 1):
             result = train_round(run, site, data, weights, r, Path(state), device, build=build)
             weights = result.weights
