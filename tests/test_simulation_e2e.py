@@ -66,7 +66,7 @@ def test_release_has_manifest_config_versions_and_html(finished_run):
     assert set(manifest["sites"]) == {"hospital_a", "hospital_c"} and manifest["rounds"] == 2
     assert len(manifest["model_sha256"]) == 64 and "torch" in manifest["versions"]
     assert report["run"]["config"]["seed"] == 7 and "flwr" in report["run"]["versions"]
-    html = (run_dir / "report.html").read_text()
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 6  # 2 classes x (real, synthetic) + 2 plots
     assert (run_dir / "checkpoints" / "round_0002.pt").exists()
 
@@ -111,7 +111,7 @@ def test_report_states_each_sites_guarantee_unit_and_audit(finished_run):
     manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
     assert {s["privacy_unit"] for s in manifest["sites"].values()} == {"image"}
     assert manifest["class_mix"] == "uniform (public)"
-    html = (run_dir / "report.html").read_text()
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "epsilon_lower" in html and "privacy_unit" in html
     # What stayed at the sites: losses are in their local logs, never in what the server kept.
     assert "loss" not in (run_dir / "history.json").read_text()

@@ -123,14 +123,17 @@ def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
     res = ingest_site(site, run.model.image_size, progress=False)
     if res.images.shape[1] != run.model.in_channels:
         raise DataError(f"{site.origin}: {res.images.shape[1]} channels per image, but model.in_channels is {run.model.in_channels}")
-    images = apply_profile(torch.from_numpy(res.images), site.acquisition)
-    labels = torch.from_numpy(res.labels)
-    ho = patient_holdout(res.patients, res.labels, site.holdout_fraction, _split_seed(run, site), site.name)
+    # Exact duplicate slices (the same pixels twice, even under two patients) go before the split.
+    keep = first_occurrences(res.images)
+    patients = [res.patients[i] for i in keep.tolist()]
+    images = apply_profile(torch.from_numpy(res.images[keep]), site.acquisition)
+    labels = torch.from_numpy(res.labels[keep])
+    ho = patient_holdout(patients, res.labels[keep], site.holdout_fraction, _split_seed(run, site), site.name)
     tr_idx, ho_idx = torch.from_numpy(np.flatnonzero(~ho)), torch.from_numpy(np.flatnonzero(ho))
-    masks = None if res.masks is None else torch.from_numpy(res.masks)
+    masks = None if res.masks is None else torch.from_numpy(res.masks[keep])
     return SiteData(site.name, images[tr_idx], labels[tr_idx], images[ho_idx], labels[ho_idx],
                     None if masks is None else masks[tr_idx], None if masks is None else masks[ho_idx],
-                    train_units=[res.patients[i] for i in tr_idx.tolist()])
+                    train_units=[patients[i] for i in tr_idx.tolist()])
 
 
 def patient_holdout(patients: list[str], labels: np.ndarray, fraction: float, seed: int, site: str = "") -> np.ndarray:

@@ -262,8 +262,8 @@ def audit_federation(config: str, profile: str = "quick", output_dir: str | None
     (out / "audit.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>fedsynth audit</title></head><body style='font-family:sans-serif'>"
         f"<h1>Privacy audit: {html.escape(run.name)}</h1><p>{m} gradient canaries per site, each inserted with probability 1/2; "
-        f"ε_lower is a 95 % lower bound (Steinke, Nasr &amp; Jagielski 2023). See docs/privacy.md.</p>"
-        f"<table border=1 cellpadding=4><tr><th>site</th><th>ε accounted</th><th>ε lower</th><th>correct/guesses</th><th>attack</th><th>violation</th></tr>{rows}</table>"
+        f"&epsilon;_lower is a 95 % lower bound (Steinke, Nasr &amp; Jagielski 2023). See docs/privacy.md.</p>"
+        f"<table border=1 cellpadding=4><tr><th>site</th><th>&epsilon; accounted</th><th>&epsilon; lower</th><th>correct/guesses</th><th>attack</th><th>violation</th></tr>{rows}</table>"
         f"{plots}</body></html>",
         encoding="utf-8",
     )

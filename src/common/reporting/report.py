@@ -98,6 +98,7 @@ MS-SSIM within class (lower = more diverse): synthetic {fid['msssim_synthetic']:
 <p>Mean AUC gain of hybrid over real-only: internal {util['auc_gain_internal']:+.4f}, external {util['auc_gain_external']:+.4f}.</p>
 {html_table(util_rows, ucols)}
 <h2>Privacy</h2>{html_table(priv_rows, pcols)}
-<p>ε: accounted by the site's ledger (an upper bound). ε_lower: the empirical audit's 95 % lower bound
-(gradient canaries, one training run; docs/privacy.md). An ε_lower above ε would mean the mechanism leaks more than its ledger says.</p>
+<p>&epsilon;: accounted by the site's ledger (an upper bound). epsilon_lower: the empirical audit's 95 % lower bound
+(gradient canaries, one training run; docs/privacy.md), to be read against the audit run's own accounted &epsilon;
+(report.json: privacy.sites.*.audit). A lower bound above it would mean the mechanism leaks more than its ledger says.</p>
 </body></html>"""
