@@ -5,12 +5,12 @@ Works for any generator (:mod:`common.models.generators`): Opacus'
 (Poisson sampling, per-unit clipping, Gaussian noise); the loop itself is an
 ordinary PyTorch loop. What makes the site's ε true:
 
-* **Secret randomness.** The Poisson sampling and the Gaussian noise come from
-  generators seeded by :mod:`secrets` in this process, never from the run's
-  public seed (which still fixes model init, diffusion timesteps and
-  evaluation). Opacus' ``secure_mode`` needs torchcsprng, which no longer
-  builds; its floating-point mitigation (sum of 4 draws, Holohan & Braghin
-  2021) is switched on with our secret generator instead.
+* **Secret randomness.** The Poisson sampling, the Gaussian noise and every
+  per-row draw of a DP round come from generators seeded by :mod:`secrets` in
+  this process, never from the run's public seed (which fixes only the initial
+  model, non-private baselines and evaluation). Opacus' ``secure_mode`` needs
+  torchcsprng, which no longer builds; its floating-point mitigation (sum of 4
+  draws, Holohan & Braghin 2021) is switched on with our secret generator instead.
 * **The patient is the unit.** The private dataset has one row per privacy unit
   (a pseudonymised patient; an image where the source knows no patients). Each
   Poisson-sampled patient contributes one of its images per step, so one
@@ -23,7 +23,6 @@ ordinary PyTorch loop. What makes the site's ε true:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import warnings
@@ -43,10 +42,8 @@ from common.checks import check_weights
 from common.config import RunConfig, SiteConfig
 from common.data import SiteData
 from common.models.generators import Generator, build_generator
-from common.privacy import BudgetExceeded, PrivacyLedger
+from common.privacy import LOCAL_LOG, BudgetExceeded, PrivacyLedger, warn_unsafe
 from common.runtime import seed_everything, write_json
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,10 +86,9 @@ class UnitDataset(Dataset):
 
 
 def private_dataset(data: SiteData, tensors: list[torch.Tensor]) -> Dataset:
-    groups = data.unit_groups()
-    if all(len(g) == 1 for g in groups):
+    if data.max_records_per_unit <= 1:
         return TensorDataset(*tensors)  # every image its own unit: the plain dataset
-    return UnitDataset(tensors, groups)
+    return UnitDataset(tensors, data.unit_groups())
 
 
 def train_round(
@@ -155,9 +151,7 @@ def train_round(
     # q from the *declared* (public) unit count when the site declares one, so that ε reveals
     # nothing about how many patients it holds; else from the true count (then ε reveals it).
     public_units = site.privacy.units or units
-    if site.privacy.delta >= 1.0 / units:
-        warnings.warn(f"site {site.name}: delta={site.privacy.delta:g} is not below 1/{units} privacy units; "
-                      "the guarantee allows leaking whole patients", UserWarning)
+    warn_unsafe(site.privacy.epsilon, site.privacy.delta, units)
     ledger = ledger_for(run, site, state_dir)
     with ledger.session():
         q = min(1.0, cfg.batch_size / public_units)
@@ -242,7 +236,7 @@ def _result(gen, site, state_dir: Path, server_round: int, losses: list[float], 
 def append_local_log(state_dir: Path, entry: dict) -> None:
     """The site's own record of what only it may see (losses, mechanism parameters); owner-only.
     A damaged log is set aside, never allowed to lose a round that was already trained."""
-    path = Path(state_dir) / "local_log.json"
+    path = Path(state_dir) / LOCAL_LOG
     try:
         entries = json.loads(path.read_text()) if path.exists() else []
         if not isinstance(entries, list):

@@ -70,8 +70,7 @@ class ServerLedger:
 
     def anomalies(self) -> dict[str, list[str]]:
         """Per site, every anomaly seen; empty when the reports add up."""
-        found = {s: [f"round {e['round']}: {e['anomaly']}" for e in entries if e.get("anomaly")] for s, entries in self.sites.items()}
-        return {s: a for s, a in found.items() if a}
+        return {s: p["anomalies"] for s, p in self.summary().items() if p["anomalies"]}
 
     def summary(self) -> dict:
         return {

@@ -24,13 +24,10 @@ from ..config import ConfigError, SiteConfig, site_path, site_state_dir
 from ..runtime import sha256_file, write_json
 from .medmnist import DataError
 from .preprocess import normalise, same_geometry, scan_to_slices, standardise
-from .pseudonym import Pseudonymiser
+from .pseudonym import UNKNOWN_PATIENT, Pseudonymiser
 from .readers import ScanError, find_dicom_series, list_scans, read_dicom_series, read_image
 
 CACHE_VERSION = 2  # 2: scans without a patient id are their own privacy unit, marked 'scan-'
-
-
-UNKNOWN_PATIENT = "scan-"  # prefix of the unit of a scan whose patient is not known
 
 
 @dataclass

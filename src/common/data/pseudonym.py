@@ -14,6 +14,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, hmac
 
+# The privacy unit of a scan whose patient is not known: "scan-" + the pseudonym of its path.
+UNKNOWN_PATIENT = "scan-"
+
 
 class Pseudonymiser:
     def __init__(self, key_path: str | os.PathLike):

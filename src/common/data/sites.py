@@ -8,6 +8,7 @@ splits 70/30 into generator-training and held-out images.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..config import RunConfig, SiteConfig
 from .acquisition import apply_profile
 from .medmnist import DataError, load_splits, locate
 from .partition import first_occurrences, holdout_split, label_skewed_partition
+from .pseudonym import UNKNOWN_PATIENT
 
 
 @dataclass
@@ -44,7 +46,7 @@ class SiteData:
         is its own unit); "image" where the source knows no patients at all."""
         if self.train_units is None:
             return "image"
-        return "scan" if any(u.startswith("scan-") for u in self.train_units) else "patient"
+        return "scan" if any(u.startswith(UNKNOWN_PATIENT) for u in self.train_units) else "patient"
 
     def unit_groups(self) -> list[np.ndarray]:
         """Training-row indices of each privacy unit (one list per patient, or one per image)."""
@@ -57,8 +59,9 @@ class SiteData:
 
     @property
     def max_records_per_unit(self) -> int:
-        return max((len(g) for g in self.unit_groups()), default=0)
-
+        if self.train_units is None:
+            return 1 if len(self.train_x) else 0
+        return max(Counter(self.train_units).values(), default=0)
 
 
 def to_model_space(images_u8: np.ndarray, size: int) -> torch.Tensor:

@@ -32,6 +32,9 @@ from pathlib import Path
 from .accounting import AccountantError, epsilon_for, noise_for_budget, require_upper_bound
 
 LEDGER_VERSION = 2
+# The site's own log of its rounds (client.trainer writes it): a ledger reset while it shows
+# DP rounds is refused.
+LOCAL_LOG = "local_log.json"
 
 
 class PrivacyRefusal(RuntimeError):
@@ -50,6 +53,10 @@ def _canonical(body: dict) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _history(doc: dict) -> list[tuple[float, float, int]]:
+    return [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
+
+
 class PrivacyLedger:
     """A site's ledger at ``path`` (its key at ``path.with_suffix('.key')``)."""
 
@@ -61,27 +68,26 @@ class PrivacyLedger:
             raise LedgerError(str(exc)) from None
         if not (0 < epsilon_budget < float("inf")) or not (0 < delta < 1):
             raise LedgerError(f"privacy budget must be finite: epsilon={epsilon_budget!r}, delta={delta!r}")
-        self.path = Path(path)
-        self.key_path = self.path.with_suffix(".key")
-        self.lock_path = self.path.with_suffix(".lock")
+        self._open(path, lock_timeout_s)
         self.epsilon_budget = float(epsilon_budget)
         self.delta = float(delta)
         self.mechanism = accountant
+        self.load()
+
+    def _open(self, path: str | os.PathLike, lock_timeout_s: float) -> None:
+        self.path = Path(path)
+        self.key_path = self.path.with_suffix(".key")
+        self.lock_path = self.path.with_suffix(".lock")
         self.lock_timeout_s = lock_timeout_s
         self.history: list[tuple[float, float, int]] = []
         self.rounds: list[dict] = []
         self.events: list[dict] = []
         self._locked = 0
-        self.load()
 
     # ------------------------------------------------------------- queries
     @property
     def spent(self) -> float:
         return epsilon_for(self.history, self.delta, self.mechanism)
-
-    @property
-    def remaining(self) -> float:
-        return max(0.0, self.epsilon_budget - self.spent)
 
     def projected(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε after ``steps`` more steps, without recording them."""
@@ -110,8 +116,8 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------ updates
     @contextlib.contextmanager
-    def session(self) -> Iterator["PrivacyLedger"]:
-        """Hold the ledger's exclusive lock and work on its freshest state."""
+    def session(self, reload: bool = True) -> Iterator["PrivacyLedger"]:
+        """Hold the ledger's exclusive lock and work on its freshest state (``reload``)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a") as lock:
             deadline = time.monotonic() + self.lock_timeout_s
@@ -125,7 +131,8 @@ class PrivacyLedger:
                     time.sleep(0.05)
             self._locked += 1
             try:
-                self.load()
+                if reload:
+                    self.load()
                 yield self
             finally:
                 self._locked -= 1
@@ -187,7 +194,7 @@ class PrivacyLedger:
         try:
             doc = json.loads(self.path.read_text())
             given = doc.pop("hmac_sha256")
-            history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
+            history = _history(doc)
             key = self.key_path.read_bytes()
             want = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
             intact = isinstance(given, str) and hmac.compare_digest(given, want)
@@ -206,7 +213,7 @@ class PrivacyLedger:
         self.history, self.rounds, self.events = history, doc.get("rounds", []), doc.get("events", [])
 
     def _trained_before(self) -> bool:
-        log = self.path.parent / "local_log.json"
+        log = self.path.parent / LOCAL_LOG
         try:
             return any(e.get("kind") == "train" and "epsilon" in e for e in json.loads(log.read_text()))
         except (OSError, ValueError, AttributeError, TypeError):
@@ -235,22 +242,21 @@ def reseal(path: str | os.PathLike, reason: str, epsilon_budget: float | None = 
     path = Path(path)
     if not path.exists():
         raise LedgerError(f"{path.name} does not exist: restore it from backup (a deleted ledger cannot be resealed)")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError:
-        raise LedgerError(f"{path.name} is not readable JSON: restore it from backup") from None
-    doc.pop("hmac_sha256", None)
-    ledger = PrivacyLedger.__new__(PrivacyLedger)
-    ledger.path, ledger.key_path, ledger.lock_path = path, path.with_suffix(".key"), path.with_suffix(".lock")
-    ledger.mechanism, ledger.epsilon_budget, ledger.delta = doc["accountant"], doc["epsilon_budget"], doc["delta"]
-    ledger.history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
-    ledger.rounds, ledger.events, ledger._locked = doc.get("rounds", []), doc.get("events", []), 1
-    event = {"event": "operator_reseal", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason}
-    for name, new in (("epsilon_budget", epsilon_budget), ("delta", delta)):
-        if new is not None and new != getattr(ledger, name):
-            event[name] = {"from": getattr(ledger, name), "to": float(new)}
-            setattr(ledger, name, float(new))
-    event["epsilon_spent"] = ledger.spent
-    ledger.events.append(event)
-    ledger.save()
+    ledger = PrivacyLedger.__new__(PrivacyLedger)  # not verified: that is what the operator overrides
+    ledger._open(path, lock_timeout_s=60.0)
+    with ledger.session(reload=False):
+        try:
+            doc = json.loads(path.read_text())
+            ledger.mechanism, ledger.epsilon_budget, ledger.delta = doc["accountant"], doc["epsilon_budget"], doc["delta"]
+            ledger.history, ledger.rounds, ledger.events = _history(doc), doc.get("rounds", []), doc.get("events", [])
+        except (ValueError, KeyError, TypeError):
+            raise LedgerError(f"{path.name} is not a readable ledger: restore it from backup") from None
+        event = {"event": "operator_reseal", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason}
+        for name, new in (("epsilon_budget", epsilon_budget), ("delta", delta)):
+            if new is not None and new != getattr(ledger, name):
+                event[name] = {"from": getattr(ledger, name), "to": float(new)}
+                setattr(ledger, name, float(new))
+        event["epsilon_spent"] = ledger.spent
+        ledger.events.append(event)
+        ledger.save()
     return event
