@@ -51,9 +51,11 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
     # Losses never leave a site; a simulation's researcher holds the sites' local logs.
     local = [{"site": site, **e} for site, entries in history.get("local", {}).items() for e in entries]
     loss = line_plot(
-        {**{f"{s} train": v for s, v in _per_site_series([e for e in local if e.get("kind") == "train"], "train_loss").items()},
-         **{f"{s} held-out": v for s, v in _per_site_series([e for e in local if e.get("kind") == "evaluate"], "heldout_loss").items()}},
-        "Loss per round (sites' local logs)", "round", "loss",
+        # Two different losses: training batches at uniform t (under DP), held-out images at fixed
+        # t = 50-300 (Generator.membership_scores). Each is comparable across rounds, not with the other.
+        {**{f"{s} train (all t)": v for s, v in _per_site_series([e for e in local if e.get("kind") == "train"], "train_loss").items()},
+         **{f"{s} held-out (t 50-300)": v for s, v in _per_site_series([e for e in local if e.get("kind") == "evaluate"], "heldout_loss").items()}},
+        "Loss per round (sites' local logs; the two kinds differ in t)", "round", "loss",
     )
     by_budget: dict[float, list[str]] = {}
     for s, p in priv["sites"].items():
