@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from common.checks import check_weights
 from common.config import RunConfig, SiteConfig
 from common.data import SiteData
+from common.models.finetune import select_trainable
 from common.models.generators import Generator, build_generator
 from common.privacy import LOCAL_LOG, BudgetExceeded, PrivacyLedger, warn_unsafe
 from common.runtime import seed_everything, write_json
@@ -124,6 +125,8 @@ def train_round(
     gen.load_state_dict(global_weights)
     gen.to(device).train()
     gen.batch_size = cfg.batch_size
+    # Only the chosen parameters train (and get noise); the rest stay the global model's.
+    trained = select_trainable(gen.modules[gen.private], cfg.trainable)
     optimizers = gen.optimizers(cfg.lr)
     private = gen.private_module(cfg.noise_multiplicity)
     # Parameters of the wrapped module that are not trained (the noise-multiplicity anchor)
@@ -142,7 +145,7 @@ def train_round(
         warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
         loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True)
         losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual=False)
-        return _result(gen, site, state_dir, server_round, losses, {}, {"steps": cfg.local_steps})
+        return _result(gen, site, state_dir, server_round, losses, {}, {"steps": cfg.local_steps, "trained_parameters": trained})
 
     if server_round > cfg.rounds:
         raise BudgetExceeded(f"round {server_round} is past the {cfg.rounds} rounds this site's noise was planned for")
@@ -182,11 +185,18 @@ def train_round(
         ledger.commit(server_round)
         spent = ledger.spent
     shared = {"epsilon": spent, "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}
-    local = {"steps": cfg.local_steps, "noise_multiplier": sigma, "sample_rate": q, "privacy_units": units}
+    local = {"steps": cfg.local_steps, "noise_multiplier": sigma, "sample_rate": q, "privacy_units": units, "trained_parameters": trained}
     return _result(gen, site, state_dir, server_round, losses, shared, local)
 
 
 def _train_loop(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list[float]:
+    with warnings.catch_warnings():
+        # With the first layers frozen (training.trainable), no input needs a gradient: expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _steps(gen, private, optimizers, loader, cfg, device, virtual)
+
+
+def _steps(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list[float]:
     losses: list[float] = []
     steps = 0
     private_opt = optimizers[gen.private]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from logging import INFO
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from common.models.generators import build_generator
 from common.runtime import seed_everything, versions, write_json
 
 from .ledger import ServerLedger
+from .public_prior import public_prior
 from .secure_aggregation import run_secure_rounds
 from .strategy import LedgerFedAvg
 from .synthesis import signing_key_path, synthesize
@@ -38,6 +40,15 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
     seed_everything(run.seed)
     model = build_generator(run.model)
     initial, done, ema = model.state_dict(), 0, None
+    prior_card = None
+    if run.public_prior is not None:
+        card_path = run_dir / "public_prior.json"
+        if latest_checkpoint(run_dir) is not None and card_path.exists():
+            prior_card = json.loads(card_path.read_text())  # resuming: round 0 is long past
+        else:
+            log(INFO, "Public prior: pretraining on %s (no site data), or reading it from the cache", run.public_prior.data.name)
+            initial, prior_card = public_prior(run, run_dir.parent)
+            write_json(card_path, prior_card)
     if (ckpt := latest_checkpoint(run_dir)) is not None:
         initial, done, ema = ckpt["weights"], ckpt["round"], ckpt.get("ema")
         log(INFO, "Resuming %s after round %d from its checkpoint", run_dir, done)
@@ -89,6 +100,9 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
         run_dir / "synthetic",
         provenance={
             "rounds": run.training.rounds,
+            # The round-0 model: pretrained without DP on declared public data (None: random init).
+            "public_prior": prior_card,
+            "trainable": list(run.training.trainable),
             "sites": {s: {"epsilon": p["epsilon"], "delta": p["delta"], "privacy_unit": p["privacy_unit"],
                           "accountant": run.training.accountant, "rounds_trained": p["rounds_trained"]} for s, p in privacy.items()},
         },

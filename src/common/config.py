@@ -92,7 +92,10 @@ class PrivacyBudget:
 @dataclass(config=STRICT)
 class SiteConfig:
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    role: Literal["train", "external"] = "train"
+    # train: a hospital that trains under DP; external: evaluates only; public: data declared
+    # public, which the coordinator may pretrain on without DP (server.public_prior).
+    role: Literal["train", "external", "public"] = "train"
+    description: str = ""  # shown in reports and manifests (what the data is, where it comes from)
     source: SourceConfig = field(default_factory=SourceConfig)
     # Relative size of this site's share of the training pool (train sites only).
     share: float = Field(1.0, gt=0)
@@ -128,6 +131,9 @@ class ModelConfig:
     # to a null class with this probability; sample with eps = (1 + w) eps(x, y) - w eps(x).
     label_dropout: float = Field(0.0, ge=0, lt=1)
     guidance_scale: float = Field(0.0, ge=0)
+    # DDPM: a rank-r low-rank adapter beside every 3x3 convolution of the UNet's residual
+    # blocks (LoRA, zero-initialised; see common.models.finetune). 0 = none.
+    adapter_rank: int = Field(0, ge=0, le=64)
     latent_size: int = Field(64, ge=2)  # VAE and GAN
     kl_weight: float = Field(1.0, ge=0)  # VAE
 
@@ -149,6 +155,9 @@ class TrainingConfig:
     # DPDM's noise multiplicity (Dockhorn et al. 2022): K timestep/noise draws per image
     # averaged inside one per-example gradient (DDPM only; costs ~K x compute).
     noise_multiplicity: int = Field(1, ge=1)
+    # Which parameters of the private module train (common.models.finetune): "all", or
+    # "norms" / "embeddings" / "biases" / "adapters" / a module-name prefix, on top of a public prior.
+    trainable: list[str] = field(default_factory=lambda: ["all"])
     # Off only for the non-private baselines of a simulation; deployed nodes refuse it.
     dp: bool = True
     threads_per_client: int = Field(1, ge=1)
@@ -186,6 +195,22 @@ class FederationConfig:
 
 
 @dataclass(config=STRICT)
+class PublicPriorConfig:
+    """Non-private pretraining of the generator on public data, shipped as the round-0 global model.
+
+    ``data`` is a site YAML with ``role: public`` (a folder, an npz or a dataset split; a path
+    relative to the run YAML, replaced by its contents when loaded). Site data never enters."""
+
+    data: SiteConfig
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
+    ema_decay: float = Field(0.995, ge=0, lt=1)  # EMA of the weights, the prior shipped
+    # Pretrained priors are cached here by a hash of data, model and settings (relative to output_dir).
+    cache_dir: str = ".public_prior"
+
+
+@dataclass(config=STRICT)
 class SynthesisConfig:
     num_images: int = Field(1000, ge=1)
     ddim_steps: int = Field(20, ge=1)
@@ -203,6 +228,15 @@ class ClassifierConfig:
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+
+
+@dataclass(config=STRICT)
+class DownstreamConfig:
+    """How a site's classifier uses the release (common.metrics.utility): ``mix`` real and synthetic
+    images, or ``pretrain_finetune`` on synthetic then real. The first mode is the headline's."""
+
+    modes: list[Literal["mix", "pretrain_finetune"]] = field(default_factory=lambda: ["mix", "pretrain_finetune"])
+    ratio: float = Field(1.0, gt=0, le=20)  # synthetic images per real image
 
 
 @dataclass(config=STRICT)
@@ -242,6 +276,7 @@ class FUPWeights:
 @dataclass(config=STRICT)
 class EvaluationConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -261,6 +296,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    public_prior: PublicPriorConfig | None = None
     origin: str = ""
 
     @property
@@ -349,6 +385,10 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     if not isinstance(site_paths, list) or not site_paths:
         raise ConfigError(f"{path}: sites: expected a non-empty list of site YAML paths")
     data["sites"] = [load_site(path.parent / p) for p in site_paths]
+    if isinstance(prior := data.get("public_prior"), dict) and isinstance(prior.get("data"), str):
+        prior["data"] = load_site(path.parent / prior["data"])
+        if prior["data"].role != "public":
+            raise ConfigError(f"{prior['data'].origin}: role: public_prior.data must be a site with role 'public'")
     data["origin"] = str(path)
     data["profile"] = profile
     run = validate(RunConfig, data, path)
@@ -357,6 +397,10 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     if run.model.name == "gan" and run.training.dp and run.training.max_physical_batch_size:
         raise ConfigError(f"{path}: training.max_physical_batch_size: not supported for the DP-GAN "
                           "(its fake rows per physical batch would depend on the private batch size)")
+    if run.model.adapter_rank and run.model.name != "ddpm":
+        raise ConfigError(f"{path}: model.adapter_rank: adapters are implemented for ddpm, not {run.model.name}")
+    if any(s.role == "public" for s in run.sites):
+        raise ConfigError(f"{path}: sites: a 'public' site is not a hospital; declare it as public_prior.data")
     names = [s.name for s in run.sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: sites: duplicate site names {names}")

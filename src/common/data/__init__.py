@@ -3,6 +3,6 @@
 from .acquisition import apply_profile
 from .medmnist import DataError, locate
 from .partition import holdout_split, label_skewed_partition
-from .sites import SiteData, load_site
+from .sites import PublicData, SiteData, load_public, load_site
 
-__all__ = ["DataError", "SiteData", "apply_profile", "holdout_split", "label_skewed_partition", "load_site", "locate"]
+__all__ = ["DataError", "PublicData", "SiteData", "apply_profile", "holdout_split", "label_skewed_partition", "load_public", "load_site", "locate"]

@@ -7,12 +7,16 @@ import hashlib
 import numpy as np
 
 
+def content_hashes(images: np.ndarray) -> list[bytes]:
+    """SHA-256 of each image's bytes: equal exactly when the pixels are."""
+    return [hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest() for image in images]
+
+
 def first_occurrences(images: np.ndarray) -> np.ndarray:
     """Sorted indices that keep the first copy of every exactly repeated image (SHA-256 of its bytes)."""
     seen: set[bytes] = set()
     keep = []
-    for i, image in enumerate(images):
-        digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+    for i, digest in enumerate(content_hashes(images)):
         if digest not in seen:
             seen.add(digest)
             keep.append(i)

@@ -8,8 +8,9 @@ splits 70/30 into generator-training and held-out images.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, SiteConfig
 from .acquisition import apply_profile
 from .medmnist import DataError, load_splits, locate
-from .partition import first_occurrences, holdout_split, label_skewed_partition
+from .partition import content_hashes, first_occurrences, holdout_split, label_skewed_partition
 from .pseudonym import UNKNOWN_PATIENT
 
 
@@ -81,26 +82,42 @@ def _read(path: str, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
+def _pool(site: SiteConfig) -> tuple[str, tuple[str, ...]]:
+    return str(locate(site.source)), tuple(site.source.splits)
+
+
+def partitioned_sites(run: RunConfig) -> list[SiteConfig]:
+    """The sites that divide the training sites' shared MedMNIST pool among them, in order:
+    the training sites, then a public prior's data when it is declared as a share of that pool."""
+    train_sites = [s for s in run.training_sites if s.source.kind == "medmnist"]
+    sources = {_pool(s) for s in train_sites}
+    if len(sources) > 1:
+        raise DataError(f"{train_sites[0].origin}: training sites drawn by partition must share one source; got {sorted(sources)}")
+    public = run.public_prior.data if run.public_prior else None
+    if public is not None and public.source.kind == "medmnist" and train_sites:
+        (pool_file, pool_splits), (file, splits) = _pool(train_sites[0]), _pool(public)
+        if file == pool_file and set(splits) & set(pool_splits):
+            if set(splits) != set(pool_splits):
+                raise DataError(f"{public.origin}: source.splits {list(splits)} overlap the sites' pool {list(pool_splits)}: "
+                                "take the same splits (a share of the partition) or disjoint ones")
+            return [*train_sites, public]
+    return train_sites
+
+
 def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of ``site`` in its source arrays; returns (all images, labels, own indices)."""
-    x, y = _read(str(locate(site.source)), tuple(site.source.splits))
-    if site.role == "external":
+    x, y = _read(*_pool(site))
+    parts_of = partitioned_sites(run)
+    if site.role == "external" or all(s.name != site.name or s.role != site.role for s in parts_of):
         return x, y, np.arange(len(y))
-    # Only the training sites that draw from the shared MedMNIST pool are partitioned.
-    train_sites = [s for s in run.training_sites if s.source.kind == "medmnist"]
-    sources = {(str(locate(s.source)), tuple(s.source.splits)) for s in train_sites}
-    if len(sources) != 1:
-        raise DataError(
-            f"{site.origin}: training sites drawn by partition must share one source; got {sorted(sources)}"
-        )
     parts = label_skewed_partition(
         y,
-        shares=[s.share for s in train_sites],
+        shares=[s.share for s in parts_of],
         alpha=run.partition.alpha,
         seed=run.seed,
         min_per_class=run.partition.min_per_class,
     )
-    k = [s.name for s in train_sites].index(site.name)
+    k = [(s.name, s.role) for s in parts_of].index((site.name, site.role))
     return x, y, parts[k]
 
 
@@ -113,6 +130,51 @@ def load_site(run: RunConfig, site: SiteConfig) -> SiteData:
     # Each site's split seed mixes the run seed with the site name: seeded, site-specific.
     tr, ho = holdout_split(len(labels), site.holdout_fraction, _split_seed(run, site), labels.numpy())
     return SiteData(site.name, images[tr], labels[tr], images[ho], labels[ho])
+
+
+@dataclass
+class PublicData:
+    """Images declared public (float (N, C, S, S) in [0, 1], labels), with what identifies them."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    sha256: str  # of the uint8 images and labels, before the acquisition profile
+    removed_overlap: int  # images dropped because a site or evaluation set holds the same pixels
+    hashes: list[bytes] = field(default_factory=list)  # each image's content hash (before the profile)
+
+
+def load_public(run: RunConfig) -> PublicData:
+    """The public prior's data: no image of any site's share, held-out set or external set.
+
+    A share of the sites' own pool is disjoint by the partition; exact copies of any image in
+    another MedMNIST source a site reads (e.g. the external test split) are removed by content hash."""
+    if run.public_prior is None:
+        raise ValueError("public_prior: not configured")
+    site = run.public_prior.data
+    if site.source.kind == "medmnist":
+        x, y, idx = site_indices(run, site)
+        raw, labels = x[idx], y[idx]
+        foreign: set[bytes] = set()
+        for other in run.sites:
+            if other.source.kind == "medmnist":
+                ox, _, oidx = site_indices(run, other)
+                foreign |= set(content_hashes(ox[oidx]))
+        keep = np.array([h not in foreign for h in content_hashes(raw)], dtype=bool)
+        raw, labels = raw[keep], labels[keep]
+        images = to_model_space(raw, run.model.image_size)
+        removed = int((~keep).sum())
+    else:
+        from .ingest import ingest_site
+
+        res = ingest_site(site, run.model.image_size, progress=False)
+        keep = first_occurrences(res.images)
+        raw, labels, removed = res.images[keep], res.labels[keep], 0
+        images = torch.from_numpy(raw)
+    if images.shape[1] != run.model.in_channels:
+        raise DataError(f"{site.origin}: {images.shape[1]} channels per image, but model.in_channels is {run.model.in_channels}")
+    digest = hashlib.sha256(np.ascontiguousarray(raw).tobytes() + np.ascontiguousarray(labels).astype(np.int64).tobytes()).hexdigest()
+    return PublicData(site.name, apply_profile(images, site.acquisition), torch.from_numpy(labels).long(), digest, removed, content_hashes(raw))
 
 
 def _split_seed(run: RunConfig, site: SiteConfig) -> int:

@@ -196,7 +196,8 @@ def audit_site(run: RunConfig, site: SiteConfig, data: SiteData, canaries: int =
                                    train_y=torch.cat([data.train_y, y_can]), train_masks=None, train_units=units)
 
     audit_run = dataclasses.replace(run, model=dataclasses.replace(run.model, mask_channels=0),
-                                    training=dataclasses.replace(run.training, noise_multiplicity=1))
+                                    # The probe is one parameter vector: all of it is the trained set.
+                                    training=dataclasses.replace(run.training, noise_multiplicity=1, trainable=["all"]))
     real = _train(audit_run, site, with_canaries(blank=False), device, build)
     replay = _train(audit_run, site, with_canaries(blank=True), device, build)  # the public seed, every slot blank
     theta = real["weights"]["probe.theta"].double().numpy()[where]

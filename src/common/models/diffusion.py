@@ -20,11 +20,12 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
+from .finetune import add_adapters
 
 
 def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
     # No attention: it is slow on CPU at 32x32 and its per-sample gradients are costly under DP.
-    return DiffusionModelUNet(
+    unet = DiffusionModelUNet(
         spatial_dims=2,
         in_channels=cfg.in_channels + cfg.mask_channels,
         out_channels=cfg.in_channels,
@@ -35,6 +36,9 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
         # One extra "null" class for classifier-free guidance.
         num_class_embeds=cfg.num_classes + (1 if cfg.label_dropout > 0 else 0),
     )
+    if cfg.adapter_rank:
+        add_adapters(unet, cfg.adapter_rank)
+    return unet
 
 
 def train_scheduler(cfg: ModelConfig) -> DDPMScheduler:

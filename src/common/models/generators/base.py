@@ -54,8 +54,8 @@ class Generator(ABC):
         return self
 
     def optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
-        """One Adam per trained module; the private one is wrapped by Opacus."""
-        return {m: torch.optim.Adam(mod.parameters(), lr=lr) for m, mod in self.modules.items()}
+        """One Adam per trained module over its trainable parameters; the private one is wrapped by Opacus."""
+        return {m: torch.optim.Adam([p for p in mod.parameters() if p.requires_grad], lr=lr) for m, mod in self.modules.items()}
 
     # ------------------------------------------------------- training
     def private_module(self, noise_multiplicity: int = 1) -> nn.Module:
