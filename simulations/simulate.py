@@ -83,6 +83,8 @@ def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None)
             "versions": versions(),
         },
         **metrics,
+        # The round-0 model's public data (name, hash, counts), or None when training started from noise.
+        "public_prior": json.loads(prior.read_text()) if (prior := run_dir / "public_prior.json").exists() else None,
         "federation": {"history": history},
     }
     write_reports(report, previews, history, run_dir)

@@ -14,6 +14,7 @@ Feature extractors (see docs/metrics.md):
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,7 +110,9 @@ def fid_kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, kid_subset_size:
     dims = real_feats.shape[1]
     fid = FrechetInceptionDistance(feature=_Precomputed(dims)).double()
     subset = min(kid_subset_size, len(real_feats), len(fake_feats))
-    kid = KernelInceptionDistance(feature=_Precomputed(dims), subset_size=subset).double()
+    with warnings.catch_warnings():  # "will save all extracted features": they are already in memory
+        warnings.filterwarnings("ignore", message=".*Kernel Inception Distance.*")
+        kid = KernelInceptionDistance(feature=_Precomputed(dims), subset_size=subset).double()
     for metric in (fid, kid):
         metric.update(real_feats, real=True)
         metric.update(fake_feats, real=False)

@@ -1,6 +1,18 @@
-"""Utility: train a downstream classifier and score it on real images."""
+"""Utility: train a downstream classifier and score it on real images.
+
+Synthetic data is used the two ways practitioners use it (``evaluation.downstream``):
+
+* ``mix``: real and synthetic images in one training set (``ratio`` synthetic per real image);
+* ``pretrain_finetune``: train on synthetic images first, then fine-tune on the real ones.
+
+Every real-data phase takes the same number of optimiser steps as the real-only classifier
+(``epochs`` passes over the real images), so a gain is not bought with extra real-data steps.
+"""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -11,24 +23,53 @@ from ..models import build_classifier
 from ..runtime import seed_everything
 
 
+def real_steps(cfg: ClassifierConfig, n_real: int) -> int:
+    """Optimiser steps of ``cfg.epochs`` passes over ``n_real`` images: the budget every mode gets."""
+    return cfg.epochs * math.ceil(n_real / cfg.batch_size)
+
+
 def train_classifier(
-    cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor, image_size: int, num_classes: int, seed: int, device: torch.device
+    cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor, image_size: int, num_classes: int, seed: int, device: torch.device,
+    steps: int | None = None, init: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """Class-weighted cross-entropy, Adam, ``cfg.epochs`` epochs."""
+    """Class-weighted cross-entropy, Adam; ``steps`` optimiser steps (default ``cfg.epochs`` epochs).
+    ``init``: continue from this model (fine-tuning) instead of a fresh one."""
     seed_everything(seed)
-    model = build_classifier(cfg, image_size, num_classes, in_channels=x.shape[1]).to(device)
+    model = init if init is not None else build_classifier(cfg, image_size, num_classes, in_channels=x.shape[1]).to(device)
     counts = torch.bincount(y, minlength=num_classes).float().clamp(min=1)
     loss_fn = torch.nn.CrossEntropyLoss(weight=(counts.sum() / (num_classes * counts)).to(device))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    steps = real_steps(cfg, len(x)) if steps is None else steps
     model.train()
-    for _ in range(cfg.epochs):
-        for xb, yb in loader:
-            opt.zero_grad()
-            loss_fn(model(xb.to(device)), yb.to(device)).backward()
-            opt.step()
+    batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # reshuffled each pass
+    for xb, yb in itertools.islice(batches, steps):
+        opt.zero_grad()
+        loss_fn(model(xb.to(device)), yb.to(device)).backward()
+        opt.step()
     return model.eval()
+
+
+def synthetic_share(syn_x: torch.Tensor, syn_y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` synthetic images drawn without replacement (all of them when the release is smaller)."""
+    idx = torch.randperm(len(syn_x), generator=torch.Generator().manual_seed(seed))[:n]
+    return syn_x[idx], syn_y[idx]
+
+
+def train_with_synthetic(
+    mode: str, ratio: float, cfg: ClassifierConfig, real: tuple[torch.Tensor, torch.Tensor], syn: tuple[torch.Tensor, torch.Tensor],
+    image_size: int, num_classes: int, seed: int, device: torch.device,
+) -> tuple[torch.nn.Module, int]:
+    """A classifier trained with ``round(ratio * len(real))`` synthetic images; returns it and that count."""
+    (rx, ry), steps = real, real_steps(cfg, len(real[0]))
+    sx, sy = synthetic_share(*syn, max(1, round(ratio * len(rx))), seed)
+    if mode == "mix":
+        return train_classifier(cfg, torch.cat([rx, sx]), torch.cat([ry, sy]), image_size, num_classes, seed, device, steps), len(sx)
+    if mode == "pretrain_finetune":
+        model = train_classifier(cfg, sx, sy, image_size, num_classes, seed, device, real_steps(cfg, len(sx)))
+        return train_classifier(cfg, rx, ry, image_size, num_classes, seed, device, steps, init=model.train()), len(sx)
+    raise ValueError(f"evaluation.downstream.modes: unknown mode {mode!r}")
 
 
 @torch.no_grad()

@@ -59,3 +59,19 @@ def histogram(groups: dict[str, list[float]], title: str, xlabel: str, bins: int
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return to_data_uri(fig)
+
+
+def samples_figure(previews: dict, path, per_class: int = 8, names: dict | None = None) -> None:
+    """Real (held-out) beside synthetic images, one row pair per class, as a PNG file (``samples.png``)."""
+    classes = sorted(previews["real"])
+    fig, axes = plt.subplots(2 * len(classes), per_class, figsize=(per_class * 0.8, 2 * len(classes) * 0.85), squeeze=False)
+    for r, (c, kind) in enumerate((c, k) for c in classes for k in ("real", "synthetic")):
+        imgs = previews[kind][c]
+        for j, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if j < len(imgs):
+                ax.imshow(imgs[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        label = (names or {}).get(c, f"class {c}")
+        axes[r][0].text(-0.15, 0.5, f"{kind}\n{label}", transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -7,13 +7,14 @@ import math
 from pathlib import Path
 
 from ..runtime import write_json
-from .figures import image_grid, line_plot
+from .figures import image_grid, line_plot, samples_figure
 
 
 def write_reports(report: dict, previews: dict, history: dict, run_dir: Path) -> tuple[Path, Path]:
     write_json(run_dir / "report.json", report)
     path = run_dir / "report.html"
     path.write_text(render_html(report, previews, history), encoding="utf-8")
+    samples_figure(previews, run_dir / "samples.png")  # real beside synthetic, per class, as a file
     return run_dir / "report.json", path
 
 
@@ -66,11 +67,26 @@ def render_html(report: dict, previews: dict, history: dict) -> str:
 
     headline_rows = [{"figure": k, "value": v if not isinstance(v, dict) else ", ".join(f"{s}: {fmt(e)}" for s, e in v.items())} for k, v in h.items()]
     util_rows = []
+    modes = util.get("modes", ["hybrid"])
     for name, s in util["sites"].items():
-        for way in ("real_only", "hybrid"):
+        for way in ("real_only", *modes):
             r = s[way]
             ext = next(iter(r["external"].values()), {})
             util_rows.append({"model": f"{name}: {way}", "train images": r["train_images"], **{f"int {k}": v for k, v in r["internal"].items()}, **{f"ext {k}": v for k, v in ext.items()}})
+    gain_rows = [{"site": name, "real train images": s.get("train_images", ""),
+                  **{f"{m} {w}": s.get(f"{m}_gain_{w}", s.get(f"auc_gain_{w}")) for m in modes for w in ("internal", "external")}}
+                 for name, s in util["sites"].items()]
+    by_size = sorted(util["sites"].items(), key=lambda kv: kv[1].get("train_images", 0))
+    gain_plot = line_plot({f"{m} {w}": ([s.get("train_images", 0) for _, s in by_size], [s.get(f"{m}_gain_{w}", 0.0) for _, s in by_size])
+                           for m in modes for w in ("internal", "external")},
+                          "AUC gain over real-only against site size", "site's real training images", "AUC gain", {"no gain": 0.0})
+    gcols = ["site", "real train images"] + [f"{m} {w}" for m in modes for w in ("internal", "external")]
+    prior = report.get("public_prior")
+    prior_html = ("<p>Training started from random weights (no public prior).</p>" if not prior else
+                  f"<p>Round 0 was pretrained without DP on <b>{html.escape(prior['name'])}</b>: {html.escape(prior.get('description', ''))} "
+                  f"{prior['images']} images (per class {prior['class_counts']}), data SHA-256 <code>{prior['data_sha256']}</code>, "
+                  f"{prior['steps']} steps; model SHA-256 <code>{prior['model_sha256'][:16]}...</code>. No site data entered this stage. "
+                  f"Sites then trained ({html.escape(', '.join(report['run']['config']['training']['trainable']))}) under DP.</p>")
     for way in ("synthetic_only", "pooled_real"):
         r = util[way]
         ext = next(iter(r["external"].values()), {})
@@ -91,13 +107,16 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th{{background:#f
 <h2>Headline</h2>{html_table(headline_rows, ['figure', 'value'])}
 <h2>FUP score: {fup['fup']:.1f} / 100</h2>
 {html_table([fup], ['fidelity', 'utility', 'privacy', 'fup'])}<p>Definitions: docs/metrics.md.</p>
+<h2>Public prior</h2>{prior_html}
 <h2>Samples: real (held-out) vs synthetic, per class</h2>{grids}
 <h2>Training</h2><img src="{loss}"><img src="{eps}">
 <h2>Fidelity</h2><p>Extractor: {html.escape(fid['extractor']['name'])}, {fid['num_images']} images per side.
 MS-SSIM within class (lower = more diverse): synthetic {fid['msssim_synthetic']:.3f}, real {fid['msssim_real']:.3f}.</p>
 {html_table(fid_rows, ['against', 'fid', 'kid'])}
 <h2>Utility (downstream classifier)</h2>
-<p>Mean AUC gain of hybrid over real-only: internal {util['auc_gain_internal']:+.4f}, external {util['auc_gain_external']:+.4f}.</p>
+<p>Mean AUC gain over real-only of the headline mode ({html.escape(modes[0])}): internal {util['auc_gain_internal']:+.4f}, external {util['auc_gain_external']:+.4f}.
+Every mode's real-data phase takes as many optimiser steps as real-only training (docs/metrics.md).</p>
+<h3>AUC gain over real-only, per site and mode</h3>{html_table(gain_rows, gcols)}<img src="{gain_plot}">
 {html_table(util_rows, ucols)}
 <h2>Privacy</h2>{html_table(priv_rows, pcols)}
 <p>&epsilon;: accounted by the site's ledger (an upper bound). epsilon_lower: the empirical audit's 95 % lower bound
