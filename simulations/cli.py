@@ -38,6 +38,12 @@ def _compare(args: argparse.Namespace) -> None:
     compare(args.config, args.profile, args.output_dir)
 
 
+def _curve(args: argparse.Namespace) -> None:
+    from common.evaluation.privacy_curve import privacy_curve
+
+    privacy_curve(args.config, args.epsilons, args.profile, args.output_dir, central=not args.no_central)
+
+
 def _mask_demo(args: argparse.Namespace) -> None:
     from .mask_conditioning import mask_demo
 
@@ -188,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick")
     p.add_argument("--output-dir", default=None)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("curve", help="quality versus privacy: the federation at several epsilons, the public prior "
+                       "alone and central references at the same compute")
+    p.add_argument("config")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, float("inf")], help="per-site budgets; inf = no DP")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--no-central", action="store_true", help="skip the central non-DP and central DP references")
+    p.set_defaults(func=_curve)
 
     p = sub.add_parser("mask-demo", help="mask-conditioned DDPM on real MNI152 slices, with segmentation Dice")
     p.add_argument("config", help="e.g. simulations/mask.yaml")
