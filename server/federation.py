@@ -41,15 +41,16 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
     model = build_generator(run.model)
     initial, done, ema = model.state_dict(), 0, None
     prior_card = None
+    ckpt = latest_checkpoint(run_dir)
     if run.public_prior is not None:
         card_path = run_dir / "public_prior.json"
-        if latest_checkpoint(run_dir) is not None and card_path.exists():
-            prior_card = json.loads(card_path.read_text())  # resuming: round 0 is long past
-        else:
+        if ckpt is None:
             log(INFO, "Public prior: pretraining on %s (no site data), or reading it from the cache", run.public_prior.data.name)
-            initial, prior_card = public_prior(run, run_dir.parent)
+            initial, prior_card = public_prior(run)
             write_json(card_path, prior_card)
-    if (ckpt := latest_checkpoint(run_dir)) is not None:
+        elif card_path.exists():
+            prior_card = json.loads(card_path.read_text())  # resuming: round 0 is long past
+    if ckpt is not None:
         initial, done, ema = ckpt["weights"], ckpt["round"], ckpt.get("ema")
         log(INFO, "Resuming %s after round %d from its checkpoint", run_dir, done)
     last = min(run.training.rounds, run.federation.stop_after_round or run.training.rounds)

@@ -24,15 +24,16 @@ from common.config import RunConfig
 from common.data import PublicData, load_public
 from common.models.finetune import select_trainable
 from common.models.generators import build_generator
-from common.runtime import pick_device, seed_everything, sha256_state_dict, write_json
+from common.runtime import pick_device, seed_everything, sha256_state_dict, versions, write_json
 
 
 def prior_key(run: RunConfig, data: PublicData) -> str:
     """What the prior depends on: the public data, the model, the pretraining settings, the seed."""
     assert run.public_prior is not None
     settings = {k: v for k, v in vars(run.public_prior).items() if k not in ("data", "cache_dir")}
+    libs = {k: v for k, v in versions().items() if k in ("torch", "monai", "fedsynth")}  # the weights depend on them too
     blob = json.dumps({"data": data.sha256, "acquisition": vars(run.public_prior.data.acquisition), "model": vars(run.model),
-                       "settings": settings, "seed": run.seed}, sort_keys=True, default=str)
+                       "settings": settings, "seed": run.seed, "versions": libs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -92,20 +93,23 @@ def gradient_norms(run: RunConfig, weights: dict[str, torch.Tensor], data: Publi
     return {"q10": q[0], "median": q[1], "q90": q[2], "images": len(norms)}
 
 
-def public_prior(run: RunConfig, runs_root: Path, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """The prior's weights and card, pretrained once and then read from the cache."""
+def public_prior(run: RunConfig, runs_root: Path | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The prior's weights and card, pretrained once and then read from the cache
+    (``public_prior.cache_dir``, relative to ``runs_root``, default the run's ``output_dir``)."""
     assert run.public_prior is not None
     data = load_public(run)
     key = prior_key(run, data)
     cache = Path(run.public_prior.cache_dir).expanduser()
-    cache = cache if cache.is_absolute() else runs_root / cache
+    cache = cache if cache.is_absolute() else (runs_root or Path(run.output_dir).expanduser().resolve()) / cache
     weights_path, card_path = cache / f"{key[:24]}.pt", cache / f"{key[:24]}.json"
-    if weights_path.exists() and card_path.exists():
+    site = run.public_prior.data
+    try:
         weights = torch.load(weights_path, map_location="cpu")
         card = json.loads(card_path.read_text())
         if card.get("model_sha256") == sha256_state_dict(weights):
-            return weights, _with_norms(run, weights, data, card)
-    site = run.public_prior.data
+            return weights, _with_norms(run, weights, data, {**card, "name": site.name, "description": site.description})
+    except (OSError, ValueError, RuntimeError, EOFError):
+        pass  # missing, torn or corrupt: pretrain again (a saved prior is always written whole)
     weights = pretrain(run, data, pick_device(), progress)
     card = {
         "name": site.name,
@@ -125,7 +129,9 @@ def public_prior(run: RunConfig, runs_root: Path, progress: bool = True) -> tupl
         "key": key,
     }
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, weights_path)
+    tmp = weights_path.with_suffix(".tmp")
+    torch.save(weights, tmp)
+    tmp.replace(weights_path)
     write_json(card_path, card)
     return weights, _with_norms(run, weights, data, card)
 

@@ -69,6 +69,13 @@ def test_release_has_manifest_config_versions_and_html(finished_run):
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 6  # 2 classes x (real, synthetic) + 2 plots
     assert (run_dir / "checkpoints" / "round_0002.pt").exists()
+    # The round-0 model's public data is named with its hash, in the manifest and the report.
+    card = manifest["public_prior"]
+    assert card["name"] == "public_archive" and len(card["data_sha256"]) == 64 and card["steps"] == 4
+    assert report["public_prior"]["data_sha256"] == card["data_sha256"] and card["data_sha256"] in html
+    assert manifest["trainable"] == ["norms", "embeddings"]
+    for s in report["utility"]["sites"].values():  # both downstream modes, each with its gain
+        assert {"mix", "pretrain_finetune", "mix_gain_internal", "pretrain_finetune_gain_external"} <= set(s)
 
 
 def test_release_is_signed_and_verifies(finished_run):

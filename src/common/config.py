@@ -157,7 +157,7 @@ class TrainingConfig:
     noise_multiplicity: int = Field(1, ge=1)
     # Which parameters of the private module train (common.models.finetune): "all", or
     # "norms" / "embeddings" / "biases" / "adapters" / a module-name prefix, on top of a public prior.
-    trainable: list[str] = field(default_factory=lambda: ["all"])
+    trainable: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
     # Off only for the non-private baselines of a simulation; deployed nodes refuse it.
     dp: bool = True
     threads_per_client: int = Field(1, ge=1)
@@ -235,7 +235,7 @@ class DownstreamConfig:
     """How a site's classifier uses the release (common.metrics.utility): ``mix`` real and synthetic
     images, or ``pretrain_finetune`` on synthetic then real. The first mode is the headline's."""
 
-    modes: list[Literal["mix", "pretrain_finetune"]] = field(default_factory=lambda: ["mix", "pretrain_finetune"])
+    modes: list[Literal["mix", "pretrain_finetune"]] = Field(default_factory=lambda: ["mix", "pretrain_finetune"], min_length=1)
     ratio: float = Field(1.0, gt=0, le=20)  # synthetic images per real image
 
 
@@ -387,8 +387,6 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     data["sites"] = [load_site(path.parent / p) for p in site_paths]
     if isinstance(prior := data.get("public_prior"), dict) and isinstance(prior.get("data"), str):
         prior["data"] = load_site(path.parent / prior["data"])
-        if prior["data"].role != "public":
-            raise ConfigError(f"{prior['data'].origin}: role: public_prior.data must be a site with role 'public'")
     data["origin"] = str(path)
     data["profile"] = profile
     run = validate(RunConfig, data, path)
@@ -397,6 +395,7 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     if run.model.name == "gan" and run.training.dp and run.training.max_physical_batch_size:
         raise ConfigError(f"{path}: training.max_physical_batch_size: not supported for the DP-GAN "
                           "(its fake rows per physical batch would depend on the private batch size)")
+    check_public_prior(run, path)
     if run.model.adapter_rank and run.model.name != "ddpm":
         raise ConfigError(f"{path}: model.adapter_rank: adapters are implemented for ddpm, not {run.model.name}")
     if any(s.role == "public" for s in run.sites):
@@ -449,4 +448,20 @@ def load_mask_demo(path: str | os.PathLike, overrides: dict[str, Any] | None = N
 
 def run_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from ``to_dict()`` output (e.g. a run's saved config.json)."""
-    return validate(RunConfig, data, Path(data.get("origin") or "<dict>"))
+    path = Path(data.get("origin") or "<dict>")
+    run = validate(RunConfig, data, path)
+    check_public_prior(run, path)
+    return run
+
+
+def check_public_prior(run: RunConfig, path: Path) -> None:
+    """The prior's data must be declared public, however the config was built (file, dict, overrides)."""
+    prior = run.public_prior
+    if prior is None:
+        return
+    if prior.data.role != "public":
+        raise ConfigError(f"{path}: public_prior.data: must be a site with role 'public' (got {prior.data.name!r}, role {prior.data.role!r})")
+    if prior.data.name in {s.name for s in run.sites}:
+        raise ConfigError(f"{path}: public_prior.data: name {prior.data.name!r} is also a site of this run")
+    if run.model.mask_channels:
+        raise ConfigError(f"{path}: public_prior: not implemented for mask-conditioned models (model.mask_channels > 0)")

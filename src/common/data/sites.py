@@ -83,7 +83,7 @@ def _read(path: str, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pool(site: SiteConfig) -> tuple[str, tuple[str, ...]]:
-    return str(locate(site.source)), tuple(site.source.splits)
+    return str(locate(site.source).resolve()), tuple(site.source.splits)
 
 
 def partitioned_sites(run: RunConfig) -> list[SiteConfig]:
@@ -97,10 +97,14 @@ def partitioned_sites(run: RunConfig) -> list[SiteConfig]:
     if public is not None and public.source.kind == "medmnist" and train_sites:
         (pool_file, pool_splits), (file, splits) = _pool(train_sites[0]), _pool(public)
         if file == pool_file and set(splits) & set(pool_splits):
-            if set(splits) != set(pool_splits):
+            if splits != pool_splits:  # the same images in another order would partition differently
                 raise DataError(f"{public.origin}: source.splits {list(splits)} overlap the sites' pool {list(pool_splits)}: "
-                                "take the same splits (a share of the partition) or disjoint ones")
+                                "take the same splits in the same order (a share of the partition) or disjoint ones")
             return [*train_sites, public]
+        for site in run.sites:  # the same dataset in another file (another resolution): splits must not meet
+            if site.source.kind == "medmnist" and site.source.dataset == public.source.dataset and set(splits) & set(site.source.splits):
+                raise DataError(f"{public.origin}: source: {public.source.dataset} splits {list(splits)} are also read by "
+                                f"site {site.name}; a public prior takes a share of the sites' own file or disjoint splits")
     return train_sites
 
 
@@ -173,6 +177,8 @@ def load_public(run: RunConfig) -> PublicData:
         images = torch.from_numpy(raw)
     if images.shape[1] != run.model.in_channels:
         raise DataError(f"{site.origin}: {images.shape[1]} channels per image, but model.in_channels is {run.model.in_channels}")
+    if len(labels) == 0:
+        raise DataError(f"{site.origin}: no public image is left once every site's and evaluation set's images are removed")
     digest = hashlib.sha256(np.ascontiguousarray(raw).tobytes() + np.ascontiguousarray(labels).astype(np.int64).tobytes()).hexdigest()
     return PublicData(site.name, apply_profile(images, site.acquisition), torch.from_numpy(labels).long(), digest, removed, content_hashes(raw))
 

@@ -64,15 +64,15 @@ def summarise(metrics: dict) -> dict:
     return out
 
 
-def _release(run: RunConfig, weights: dict, run_dir: Path, epsilons: dict) -> dict:
-    """Write a release from ``weights`` the way the server does, and score it."""
+def _release(run: RunConfig, weights: dict, run_dir: Path, provenance: dict) -> dict:
+    """Write a release from ``weights`` the way the server does (manifest: ``provenance``), and score it."""
     from server.synthesis import synthesize, signing_key_path
     from simulations.evaluate import evaluate_release
 
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(weights, run_dir / "global_model.pt")
     write_json(run_dir / "privacy_ledger.json", {})
-    synthesize(run, weights, run_dir / "synthetic", {"sites": epsilons}, signing_key_path(run, run_dir))
+    synthesize(run, weights, run_dir / "synthetic", provenance, signing_key_path(run, run_dir))
     metrics, _ = evaluate_release(run, run_dir)
     return metrics
 
@@ -82,8 +82,10 @@ def central_weights(run: RunConfig, prior: dict, dp: bool, epsilon: float, state
     from client.trainer import train_round
 
     sites = [load_site(run, s) for s in run.training_sites]
+    # Patients stay the unit where the sites know them (prefixed: two sites' pseudonyms never merge).
+    units = None if any(d.train_units is None for d in sites) else [f"{d.name}/{u}" for d in sites for u in d.train_units]
     pooled = SiteData("central", torch.cat([d.train_x for d in sites]), torch.cat([d.train_y for d in sites]),
-                      torch.cat([d.holdout_x for d in sites]), torch.cat([d.holdout_y for d in sites]))
+                      torch.cat([d.holdout_x for d in sites]), torch.cat([d.holdout_y for d in sites]), train_units=units)
     first = run.training_sites[0]
     site = dataclasses.replace(first, name="central", privacy=dataclasses.replace(first.privacy, epsilon=epsilon, units=None))
     training = dataclasses.replace(run.training, dp=dp, local_steps=run.training.local_steps * len(sites),
@@ -112,11 +114,11 @@ def privacy_curve(config: str, epsilons: list[float], profile: str = "quick", ou
         write_json(out / "curve.json", {"rows": rows})
         console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)))
 
-    prior = None
+    prior, card = None, None
     if base.public_prior is not None:
         t = time.time()
-        prior, card = public_prior(base, out.parent)
-        record("public prior alone", 0.0, _release(base, prior, out / "prior_only", {}), t, prior=card["name"])
+        prior, card = public_prior(base)
+        record("public prior alone", 0.0, _release(base, prior, out / "prior_only", {"public_prior": card, "sites": {}}), t, prior=card["name"])
     for eps in epsilons:
         t = time.time()
         run = _with_budget(base, eps)
@@ -129,7 +131,8 @@ def privacy_curve(config: str, epsilons: list[float], profile: str = "quick", ou
             with tempfile.TemporaryDirectory() as state:
                 weights, spent = central_weights(base, start, dp, eps if dp else 8.0, Path(state))
             name = f"central DP, eps = {eps:g}" if dp else "central non-DP"
-            record(name, eps if dp else math.inf, _release(base, weights, out / name.replace(" ", "_").replace(",", "").replace("=", ""), {}), t,
+            provenance = {"public_prior": card, "central": {"dp": dp, "epsilon": spent, "delta": base.training_sites[0].privacy.delta}}
+            record(name, eps if dp else math.inf, _release(base, weights, out / name.replace(" ", "_").replace(",", "").replace("=", ""), provenance), t,
                    epsilon_spent=spent)
     write_json(out / "curve.json", {"rows": rows})
     (out / "curve.html").write_text(render(rows, base), encoding="utf-8")

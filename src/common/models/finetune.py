@@ -60,7 +60,7 @@ def _in_group(name: str, module: nn.Module, group: str) -> bool:
     if group == "embeddings":
         return isinstance(module, nn.Embedding) or name.startswith("time_embed") or name.endswith("time_emb_proj")
     if group == "adapters":
-        return name.endswith((".down", ".up")) and isinstance(module, nn.Conv2d)
+        return isinstance(module, LowRankConv2d)  # its down and up projections; base stays frozen
     return name == group or name.startswith(group + ".")  # a module-name prefix
 
 
@@ -78,6 +78,8 @@ def select_trainable(module: nn.Module, groups: list[str]) -> int:
         for name, sub in module.named_modules():
             if group == "biases":
                 params = [p for n, p in sub.named_parameters(recurse=False) if n == "bias"]
+            elif group == "adapters" and _in_group(name, sub, group):
+                params = [*sub.down.parameters(), *sub.up.parameters()]
             elif _in_group(name, sub, group):
                 params = list(sub.parameters())
             else:
