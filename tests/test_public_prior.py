@@ -118,6 +118,9 @@ def test_an_unknown_trainable_group_names_the_field(prior_run):
 
     with pytest.raises(ValueError, match="training.trainable: 'attention_heads' selects no parameter"):
         select_trainable(build_generator(prior_run.model).modules["unet"], ["attention_heads"])
+    # Refused when the config is read, naming the file, not by every site at its first round.
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: training\.trainable: 'norms' selects no parameter .*\(vae\)"):
+        load_run(TINY, overrides={"model": {"name": "vae"}, "training": {"trainable": ["norms", "class_embedding"]}})
 
 
 def test_every_downstream_mode_takes_the_real_only_number_of_real_steps(monkeypatch):

@@ -396,6 +396,7 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
         raise ConfigError(f"{path}: training.max_physical_batch_size: not supported for the DP-GAN "
                           "(its fake rows per physical batch would depend on the private batch size)")
     check_public_prior(run, path)
+    check_trainable(run, path)
     if run.model.adapter_rank and run.model.name != "ddpm":
         raise ConfigError(f"{path}: model.adapter_rank: adapters are implemented for ddpm, not {run.model.name}")
     if any(s.role == "public" for s in run.sites):
@@ -452,6 +453,21 @@ def run_from_dict(data: dict[str, Any]) -> RunConfig:
     run = validate(RunConfig, data, path)
     check_public_prior(run, path)
     return run
+
+
+def check_trainable(run: RunConfig, path: Path) -> None:
+    """Every ``training.trainable`` group must select parameters of the configured generator:
+    refused here, with the file, rather than by every site at its first round."""
+    if run.training.trainable == ["all"]:
+        return
+    from .models.finetune import select_trainable  # models import this module
+    from .models.generators import build_generator
+
+    gen = build_generator(run.model)
+    try:
+        select_trainable(gen.modules[gen.private], run.training.trainable)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc} ({run.model.name})") from None
 
 
 def check_public_prior(run: RunConfig, path: Path) -> None:
