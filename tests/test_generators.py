@@ -34,7 +34,8 @@ def test_interface_round_trips_state_and_samples(name):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_each_generator_trains_under_opacus_and_spends_budget(name, tiny_run, tmp_path):
-    run = dataclasses.replace(tiny_run, model=dataclasses.replace(tiny_run.model, name=name, latent_size=8))
+    run = dataclasses.replace(tiny_run, model=dataclasses.replace(tiny_run.model, name=name, latent_size=8),
+                              training=dataclasses.replace(tiny_run.training, trainable=["all"]))
     site = run.training_sites[0]
     gen = build_generator(run.model)
     before = gen.state_dict()

@@ -26,6 +26,8 @@ def federation(shared_data, tmp_path_factory):
     run_yaml = (REPO / "tests" / "configs" / "tiny.yaml").read_text()
     run_yaml = run_yaml.replace("../../sites/hospital_a.yaml", str(npz_site)).replace("../../sites/hospital_c.yaml", str(dicom_site))
     run_yaml = run_yaml.replace("../../sites/external_d.yaml", str(REPO / "sites" / "external_d.yaml"))
+    # No public prior: this federation's DICOM site is made of val images a train+val archive would hold.
+    run_yaml = "\n".join(line for line in run_yaml.splitlines() if not line.startswith("public_prior:"))
     (tmp / "run.yaml").write_text(run_yaml)
     run_dir = simulate(str(tmp / "run.yaml"), output_dir=str(tmp / "runs"))
     return tmp, dicom_site, run_dir, json.loads((run_dir / "report.json").read_text())

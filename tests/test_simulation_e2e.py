@@ -74,6 +74,7 @@ def test_release_has_manifest_config_versions_and_html(finished_run):
     assert card["name"] == "public_archive" and len(card["data_sha256"]) == 64 and card["steps"] == 4
     assert report["public_prior"]["data_sha256"] == card["data_sha256"] and card["data_sha256"] in html
     assert manifest["trainable"] == ["norms", "embeddings"]
+    assert (run_dir / "samples.png").stat().st_size > 1000  # real beside synthetic, per class
     for s in report["utility"]["sites"].values():  # both downstream modes, each with its gain
         assert {"mix", "pretrain_finetune", "mix_gain_internal", "pretrain_finetune_gain_external"} <= set(s)
 
