@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.models.generators import build_generator
-from common.runtime import seed_everything, versions, write_json
+from common.runtime import versions, write_json
 
 from .ledger import ServerLedger
 from .public_prior import public_prior
@@ -37,9 +37,7 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
     write_json(run_dir / "versions.json", versions())
-    seed_everything(run.seed)
-    model = build_generator(run.model)
-    initial, done, ema = model.state_dict(), 0, None
+    initial, done, ema = build_generator(run.model, seed=run.seed).state_dict(), 0, None
     prior_card = None
     ckpt = latest_checkpoint(run_dir)
     if run.public_prior is not None:

@@ -12,7 +12,6 @@ manifest and the report carry.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -22,9 +21,11 @@ from tqdm.auto import tqdm
 
 from common.config import RunConfig
 from common.data import PublicData, load_public
-from common.models.finetune import select_trainable
+from common.models.finetune import LowRankConv2d, select_trainable
 from common.models.generators import build_generator
-from common.runtime import pick_device, seed_everything, sha256_state_dict, versions, write_json
+from common.runtime import pick_device, sha256_state_dict, versions, write_json
+
+from .strategy import ema_update
 
 
 def prior_key(run: RunConfig, data: PublicData) -> str:
@@ -44,28 +45,22 @@ def pretrain(run: RunConfig, data: PublicData, device: torch.device | str = "cpu
     model has them) stay at their identity initialisation, so DP fine-tuning starts at the prior."""
     cfg = run.public_prior
     assert cfg is not None
-    seed_everything(run.seed)
-    gen = build_generator(run.model)
+    gen = build_generator(run.model, seed=run.seed)
     for mod in gen.modules.values():
-        select_trainable(mod, ["all"])
-        for name, p in mod.named_parameters():
-            if name.endswith((".down.weight", ".up.weight")) and run.model.adapter_rank:
-                p.requires_grad_(False)
+        mod.requires_grad_(True)
+        for adapter in (m for m in mod.modules() if isinstance(m, LowRankConv2d)):
+            adapter.down.requires_grad_(False)
+            adapter.up.requires_grad_(False)
     gen.to(device).train()
     gen.batch_size = cfg.batch_size
     optimizers = gen.optimizers(cfg.lr)
-    ema = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    ema = ema_update(None, gen.state_dict(), 0.0)
     draw = torch.Generator().manual_seed(run.seed)
     for step in tqdm(range(cfg.steps), desc=f"public prior ({data.name})", unit="step", disable=not progress):
         idx = torch.randint(len(data.x), (cfg.batch_size,), generator=draw)
         gen.train_step(gen.modules[gen.private], optimizers, data.x[idx].to(device), data.y[idx].to(device))
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights fade fast
-        with torch.no_grad():
-            for k, v in gen.state_dict().items():
-                if v.is_floating_point():
-                    ema[k].lerp_(v.detach(), 1 - decay)
-                else:
-                    ema[k].copy_(v)
+        # Warm-up: early weights fade fast.
+        ema = ema_update(ema, gen.state_dict(), min(cfg.ema_decay, (1 + step) / (10 + step)))
     return {k: v.cpu() for k, v in ema.items()}
 
 

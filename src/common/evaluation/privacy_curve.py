@@ -28,6 +28,7 @@ from rich.console import Console
 
 from common.config import RunConfig, load_run
 from common.data import SiteData, load_site
+from common.models.generators import build_generator
 from common.reporting.figures import line_plot
 from common.runtime import pick_device, versions, write_json
 
@@ -125,11 +126,12 @@ def privacy_curve(config: str, epsilons: list[float], profile: str = "quick", ou
         report = simulate_run(run, out / f"federated_eps_{eps:g}")
         record(f"federated, eps = {eps:g}", eps, report, t)
     if central:
-        start = prior if prior is not None else _initial(base)
-        for dp, eps in ((False, math.inf), (True, max(e for e in epsilons if not math.isinf(e)) if any(not math.isinf(e) for e in epsilons) else 8.0)):
+        start = prior if prior is not None else build_generator(base.model, seed=base.seed).state_dict()
+        dp_eps = max((e for e in epsilons if math.isfinite(e)), default=8.0)  # the curve's largest finite budget
+        for dp, eps in ((False, math.inf), (True, dp_eps)):
             t = time.time()
             with tempfile.TemporaryDirectory() as state:
-                weights, spent = central_weights(base, start, dp, eps if dp else 8.0, Path(state))
+                weights, spent = central_weights(base, start, dp, dp_eps, Path(state))
             name = f"central DP, eps = {eps:g}" if dp else "central non-DP"
             provenance = {"public_prior": card, "central": {"dp": dp, "epsilon": spent, "delta": base.training_sites[0].privacy.delta}}
             record(name, eps if dp else math.inf, _release(base, weights, out / name.replace(" ", "_").replace(",", "").replace("=", ""), provenance), t,
@@ -138,14 +140,6 @@ def privacy_curve(config: str, epsilons: list[float], profile: str = "quick", ou
     (out / "curve.html").write_text(render(rows, base), encoding="utf-8")
     console.print(f"wrote {out / 'curve.json'} and {out / 'curve.html'}")
     return out
-
-
-def _initial(run: RunConfig) -> dict:
-    from common.models.generators import build_generator
-    from common.runtime import seed_everything
-
-    seed_everything(run.seed)
-    return build_generator(run.model).state_dict()
 
 
 def render(rows: list[dict], run: RunConfig) -> str:

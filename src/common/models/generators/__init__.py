@@ -9,7 +9,12 @@ from .vae import VAE
 REGISTRY: dict[str, type[Generator]] = {cls.name: cls for cls in (DDPM, VAE, GAN)}
 
 
-def build_generator(cfg: ModelConfig) -> Generator:
+def build_generator(cfg: ModelConfig, seed: int | None = None) -> Generator:
+    """The configured generator; with ``seed``, the run's initial model (global RNGs seeded first)."""
+    if seed is not None:
+        from ...runtime import seed_everything
+
+        seed_everything(seed)
     return REGISTRY[cfg.name](cfg)
 
 
