@@ -8,6 +8,7 @@ their report.json figures into the shapes of the papers' Tables 1-3.
 from __future__ import annotations
 
 import html
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, read_yaml, load_run
+from common.evaluation.gate import ReleaseRefused
 from common.reporting.figures import image_grid
 from common.reporting.report import fmt, html_table
 from common.runtime import versions, write_json
-from server.synthesis import load_synthetic
+from server.synthesis import load_synthetic, release_dir
 
 from .simulate import console, simulate_run
 
@@ -26,25 +28,24 @@ COLUMNS = [
     ("model", "model"), ("dp", "DP"), ("fid", "FID"), ("kid", "KID"), ("msssim", "MS-SSIM (syn)"),
     ("auc_int", "AUC int (syn only)"), ("auc_ext", "AUC ext (syn only)"),
     ("gain_int", "hybrid gain int"), ("gain_ext", "hybrid gain ext"),
-    ("eps", "ε max"), ("mi_auc", "MI-AUC max"), ("tpr", "TPR@1%FPR max"), ("nn_ratio", "NN ratio min"),
-    ("reid", "re-id max"), ("fup", "FUP"),
+    ("eps", "ε max"), ("dcr", "DCR excess (0 = chance)"), ("domias", "density-ratio MI AUC"), ("reid", "re-id rate"),
+    ("mi_auc", "model-loss MI-AUC max (per family)"), ("F", "F"), ("U", "U"), ("P", "P"), ("fup", "FUP"), ("gate", "memorisation gate"),
 ]
 
 
 def row(label: str, report: dict) -> dict:
     f, u, p = report["fidelity"], report["utility"], report["privacy"]
     ext = next(iter(u["synthetic_only"]["external"].values()), {})
-    sites = p["sites"].values()
+    rel = p["release"]
     return {
         "model": label,
         "dp": report["run"]["config"]["training"]["dp"],
         "fid": f["fid"], "kid": f["kid"], "msssim": f["msssim_synthetic"],
         "auc_int": u["synthetic_only"]["internal"]["auc"], "auc_ext": ext.get("auc"),
         "gain_int": u["auc_gain_internal"], "gain_ext": u["auc_gain_external"],
-        "eps": p["epsilon_max"], "mi_auc": p["mi_auc_max"],
-        "tpr": max(s["mi_tpr_at_1pct_fpr"] for s in sites),
-        "nn_ratio": min(s["nn_distance_ratio"] for s in sites),
-        "reid": p["reid_rate_max"], "fup": report["fup"]["fup"],
+        "eps": p["epsilon_max"], "dcr": rel["dcr_excess"], "domias": rel["domias"]["auc"],
+        "reid": rel["reid_rate"], "mi_auc": p["mi_auc_max"],
+        "F": report["fup"]["fidelity"], "U": report["fup"]["utility"], "P": report["fup"]["privacy"], "fup": report["fup"]["fup"],
     }
 
 
@@ -65,9 +66,13 @@ def compare(config: str, profile: str = "quick", output_dir: str | None = None) 
         run = load_run(base, profile, overrides={**(entry.get("overrides") or {}), **common, "name": f"{base_run.name}-{label}"})
         run_dir = out / label.replace("/", "_")
         console.rule(f"[bold]compare[/] {i + 1}/{len(spec['models'])}: {label}")
-        report = simulate_run(run, run_dir)
-        rows.append(row(label, report))
-        x, y = load_synthetic(run_dir / "synthetic" / "synthetic.npz")
+        try:
+            report, gate = simulate_run(run, run_dir), "passed"
+        except ReleaseRefused as exc:  # one memorising arm is a finding, not the end of the comparison
+            console.print(f"[red]{label}: {exc}")
+            report, gate = json.loads((run_dir / "report.json").read_text()), "REFUSED"
+        rows.append({**row(label, report), "gate": gate})
+        x, y = load_synthetic(release_dir(run_dir) / "synthetic.npz")
         pick = torch.cat([x[y == c][:16] for c in range(run.model.num_classes)])
         grids.append((label, image_grid(pick, f"{label}: 16 per class")))
     result = {"name": spec.get("name", "compare"), "profile": profile, "base": str(base), "wall_time_s": time.time() - start,

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.evaluation.audit import audit_site
-from common.metrics.attacks import attack_metrics, nearest_neighbour_report
-from common.metrics.fidelity import build_extractor, extract, fid_kid, msssim_diversity
-from common.metrics.fup import fidelity_score, fup_score, privacy_score, utility_score
-from common.metrics.utility import score_classifier, train_classifier, train_with_synthetic
+from common.evaluation.release import Pool, ReleaseScorer
+from common.metrics.attacks import attack_metrics
+from common.metrics.fidelity import msssim_diversity
+from common.metrics.utility import real_steps, train_classifier, train_with_synthetic
 from common.models.generators import build_generator
-from common.runtime import pick_device
+from common.runtime import pick_device, sha256_file
 from client.client_app import SENT_METRICS
-from server.synthesis import load_synthetic
+from server.synthesis import load_synthetic, release_dir
 
 UNIT_NOTES = {
     "patient": "",
@@ -34,98 +34,101 @@ UNIT_NOTES = {
 RELEASED = ["model weights (DP-SGD, accounted)", *(f"{k}: {why}" for k, why in SENT_METRICS.items())]
 
 
-def _subsample(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _subsample(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0)
+def worst_site_budget(ledger: dict, train_names: list[str]) -> tuple[float | None, float | None]:
+    """(epsilon, delta) of the site with the largest epsilon; (None, None) when any site trained without DP."""
+    spent = [ledger.get(n, {}) for n in train_names]
+    if not spent or any(p.get("epsilon") is None for p in spent):
+        return None, None
+    worst = max(spent, key=lambda p: p["epsilon"])
+    return worst["epsilon"], worst["delta"]
 
 
-def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
-    """Returns (metrics for report.json, preview images per class for the HTML report)."""
+def downstream(scorer: ReleaseScorer, sites: dict[str, SiteData], train_names: list[str], syn: tuple[torch.Tensor, torch.Tensor],
+               ratios: list[float], progress: tqdm | None = None) -> dict:
+    """Per site: real-only, then each ``evaluation.downstream`` mode at ``ratios`` synthetic per real image.
+    Every arm gets the real-only arm's optimiser steps on real data (utility.real_steps)."""
+    run, device = scorer.run, scorer.device
+    ev, k, size = run.evaluation, run.model.num_classes, run.model.image_size
+    out = {}
+    for i, name in enumerate(train_names):
+        s, seed = sites[name], run.seed + 100 + i
+        row = {"train_images": len(s.train_x), "real_only": scorer.fit_and_score(s.train_x, s.train_y, seed), "ratios": {}}
+        for ratio in ratios:
+            # Every mode at the configured ratio; the ablation's other ratios on the headline mode.
+            for mode in ev.downstream.modes if ratio == ev.downstream.ratio else ev.downstream.modes[:1]:
+                model, n_syn = train_with_synthetic(mode, ratio, ev.classifier, (s.train_x, s.train_y), syn, size, k, seed, device)
+                steps = real_steps(ev.classifier, len(s.train_x)) + (real_steps(ev.classifier, n_syn) if mode == "pretrain_finetune" else 0)
+                arm = {"train_images": len(s.train_x) + n_syn, "synthetic_images": n_syn, "steps": steps, **scorer.classifier_scores(model)}
+                # The baseline takes as many optimiser steps as the arm (pretraining steps included),
+                # all on the real images: a gain is the data's, not extra training.
+                key = f"real_only_{steps}_steps"
+                if steps == real_steps(ev.classifier, len(s.train_x)):
+                    base = row["real_only"]
+                else:
+                    if key not in row:
+                        model = train_classifier(ev.classifier, s.train_x, s.train_y, size, k, seed, device, steps)
+                        row[key] = {"train_images": len(s.train_x), "steps": steps, **scorer.classifier_scores(model)}
+                    base = row[key]
+                arm["baseline"] = "real_only" if base is row["real_only"] else key
+                arm["gain_internal"] = arm["internal"]["auc"] - base["internal"]["auc"]
+                arm["gain_external"] = _mean([arm["external"][e]["auc"] - base["external"][e]["auc"] for e in arm["external"]])
+                row["ratios"].setdefault(str(ratio), {})[mode] = arm
+                if progress is not None:
+                    progress.update()
+        out[name] = row
+    return out
+
+
+def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None = None) -> tuple[dict, dict]:
+    """Returns (metrics for report.json, preview images per class for the HTML report).
+    ``ratios``: synthetic:real ratios of the downstream ablation (default: ``downstream.ratio`` only)."""
     device = pick_device()
     ev = run.evaluation
     sites: dict[str, SiteData] = {s.name: load_site(run, s) for s in tqdm(run.sites, desc="loading sites")}
     train_names = [s.name for s in run.training_sites]
     ext_names = [s.name for s in run.external_sites]
-    syn_x, syn_y = load_synthetic(run_dir / "synthetic" / "synthetic.npz")
+    syn_x, syn_y = load_synthetic(release_dir(run_dir) / "synthetic.npz")
     generator = build_generator(run.model)
     generator.load_state_dict(torch.load(run_dir / "global_model.pt", map_location="cpu"))
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
-
-    pooled_train_x = _cat([sites[n].train_x for n in train_names])
-    pooled_train_y = _cat([sites[n].train_y for n in train_names])
-    pooled_hold_x = _cat([sites[n].holdout_x for n in train_names])
-    pooled_hold_y = _cat([sites[n].holdout_y for n in train_names])
-    # An external site evaluates on all its images: none were used for training.
-    external = {n: (_cat([sites[n].train_x, sites[n].holdout_x]), _cat([sites[n].train_y, sites[n].holdout_y])) for n in ext_names}
+    pool = Pool.from_sites(sites, train_names, ext_names)
+    scorer = ReleaseScorer(run, pool, device)
+    epsilon, delta = worst_site_budget(ledger, train_names)
+    scored = scorer.score(syn_x, syn_y, epsilon, delta)
 
     # ------------------------------------------------------------ fidelity
-    net, extractor = build_extractor(ev.fidelity)
-    n = min(ev.fidelity.max_images, len(pooled_hold_x), len(syn_x), len(pooled_train_x))
-    f_hold = extract(net, _subsample(pooled_hold_x, pooled_hold_y, n, run.seed)[0])
-    f_syn = extract(net, _subsample(syn_x, syn_y, n, run.seed)[0])
-    f_train = extract(net, _subsample(pooled_train_x, pooled_train_y, n, run.seed)[0])
-    noise = torch.rand((n, 1, run.model.image_size, run.model.image_size), generator=torch.Generator().manual_seed(run.seed))
-    vs_syn = fid_kid(f_hold, f_syn, ev.fidelity.kid_subset_size)
-    reference = fid_kid(f_hold, f_train, ev.fidelity.kid_subset_size)
-    null = fid_kid(f_hold, extract(net, noise), ev.fidelity.kid_subset_size)
     fidelity = {
-        "extractor": extractor,
-        "num_images": n,
-        "fid": vs_syn["fid"],
-        "kid": vs_syn["kid"],
-        "kid_std": vs_syn["kid_std"],
-        "fid_real_reference": reference["fid"],
-        "kid_real_reference": reference["kid"],
-        "fid_noise_reference": null["fid"],
+        **scored["fidelity"],
         "msssim_synthetic": msssim_diversity(syn_x, syn_y, ev.fidelity.msssim_pairs, run.seed),
-        "msssim_real": msssim_diversity(pooled_hold_x, pooled_hold_y, ev.fidelity.msssim_pairs, run.seed),
-        "sites": {},
+        "msssim_real": msssim_diversity(pool.hold_x, pool.hold_y, ev.fidelity.msssim_pairs, run.seed),
+        "sites": {name: scorer.site_fid(sites[name].holdout_x if name in train_names else pool.external[name][0], syn_x)
+                  for name in train_names + ext_names},
     }
-    for name in train_names + ext_names:
-        real = sites[name].holdout_x if name in train_names else external[name][0]
-        f_site = extract(net, real[:n])
-        fidelity["sites"][name] = fid_kid(f_site, f_syn[: len(f_site)], ev.fidelity.kid_subset_size)
 
     # ------------------------------------------------------------- utility
-    k, size = run.model.num_classes, run.model.image_size
     down = ev.downstream
-    progress = tqdm(total=(1 + len(down.modes)) * len(train_names) + 2, desc="downstream classifiers")
-
-    def score(model, internal: tuple[torch.Tensor, torch.Tensor], n: int) -> dict:
-        progress.update()
-        out = {"train_images": n, "internal": score_classifier(model, *internal, device)}
-        out["external"] = {e: score_classifier(model, ex, ey, device) for e, (ex, ey) in external.items()}
-        return out
-
-    def fit_and_score(x, y, internal, seed: int) -> dict:
-        return score(train_classifier(ev.classifier, x, y, size, k, seed, device), internal, len(x))
-
-    utility = {
-        "synthetic_only": fit_and_score(syn_x, syn_y, (pooled_hold_x, pooled_hold_y), run.seed + 11),
-        "pooled_real": fit_and_score(pooled_train_x, pooled_train_y, (pooled_hold_x, pooled_hold_y), run.seed + 12),
-        "modes": list(down.modes),
-        "ratio": down.ratio,
-        "sites": {},
-    }
-    for i, name in enumerate(train_names):
-        s = sites[name]
-        internal, seed = (s.holdout_x, s.holdout_y), run.seed + 100 + i
-        row = {"train_images": len(s.train_x), "real_only": fit_and_score(s.train_x, s.train_y, internal, seed)}
-        for mode in down.modes:
-            model, n_syn = train_with_synthetic(mode, down.ratio, ev.classifier, (s.train_x, s.train_y), (syn_x, syn_y), size, k, seed, device)
-            row[mode] = {**score(model, internal, len(s.train_x) + n_syn), "synthetic_images": n_syn}
-            row[f"{mode}_gain_internal"] = row[mode]["internal"]["auc"] - row["real_only"]["internal"]["auc"]
-            row[f"{mode}_gain_external"] = _mean([row[mode]["external"][e]["auc"] - row["real_only"]["external"][e]["auc"] for e in ext_names])
-        # The headline's "hybrid" is the first configured mode.
-        row["hybrid"] = row[down.modes[0]]
-        row["auc_gain_internal"] = row[f"{down.modes[0]}_gain_internal"]
-        row["auc_gain_external"] = row[f"{down.modes[0]}_gain_external"]
-        utility["sites"][name] = row
+    ratios = sorted(set(ratios or [down.ratio]) | {down.ratio})
+    progress = tqdm(total=(len(ratios) - 1 + len(down.modes)) * len(train_names), desc="downstream classifiers")
+    per_site = downstream(scorer, sites, train_names, (syn_x, syn_y), ratios, progress)
     progress.close()
+    utility = {**scored["utility"], "modes": list(down.modes), "ratio": down.ratio, "ratios": ratios, "sites": {}}
+    for name, row in per_site.items():
+        base = row["ratios"][str(down.ratio)]
+        flat = {k: v for k, v in row.items() if k.startswith("real_only")} | {"train_images": row["train_images"], "ratios": row["ratios"]}
+        for mode in down.modes:
+            flat[mode] = base[mode]
+            flat[f"{mode}_gain_internal"] = base[mode]["gain_internal"]
+            flat[f"{mode}_gain_external"] = base[mode]["gain_external"]
+        # The headline's "hybrid" is the first configured mode at the configured ratio.
+        flat["hybrid"] = flat[down.modes[0]]
+        flat["auc_gain_internal"] = flat[f"{down.modes[0]}_gain_internal"]
+        flat["auc_gain_external"] = flat[f"{down.modes[0]}_gain_external"]
+        utility["sites"][name] = flat
     for mode in down.modes:
         for where in ("internal", "external"):
             utility[f"{mode}_gain_{where}"] = _mean([v[f"{mode}_gain_{where}"] for v in utility["sites"].values()])
@@ -134,7 +137,8 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
     utility["auc_gain_external"] = _mean([v["auc_gain_external"] for v in utility["sites"].values()])
 
     # ------------------------------------------------------------- privacy
-    privacy = {"sites": {}}
+    # Ties these figures to the exact file scored: the export gate refuses a report of another release.
+    privacy = {"release": {**scored["release_privacy"], "release_sha256": sha256_file(release_dir(run_dir) / "synthetic.npz")}, "sites": {}}
     for name in tqdm(train_names, desc="privacy attacks"):
         s = sites[name]
         m_x, m_y = _subsample(s.train_x, s.train_y, ev.attack.max_images, run.seed)
@@ -142,7 +146,7 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
         # Same seed for both groups: each image position gets the same noise draw.
         member = generator.membership_scores(m_x, m_y, run.seed, device)
         nonmember = generator.membership_scores(h_x, h_y, run.seed, device)
-        mi = attack_metrics(member, nonmember)
+        mi = attack_metrics(member, nonmember, resamples=ev.attack.bootstrap, seed=run.seed)
         spent = ledger.get(name, {})
         site_cfg = next(c for c in run.training_sites if c.name == name)
         audit = audit_site(run, site_cfg, s, ev.audit.canaries, run.seed, device) if ev.audit.enabled else None
@@ -165,38 +169,45 @@ def evaluate_release(run: RunConfig, run_dir: Path) -> tuple[dict, dict]:
             "released": RELEASED,
             "rounds_trained": spent.get("rounds_trained", 0),
             "declined_rounds": spent.get("declined_rounds", []),
+            # The model's own loss: a different score per generator family, so not in P.
             "mi_auc": mi["auc"],
+            "mi_auc_ci95": mi["auc_ci95"],
+            "mi_members": mi["members"],
+            "mi_nonmembers": mi["nonmembers"],
             "mi_tpr_at_1pct_fpr": mi["tpr_at_1pct_fpr"],
-            **nearest_neighbour_report(syn_x, s.train_x, s.holdout_x, ev.attack.reid_quantile, run.seed),
         }
     per = privacy["sites"].values()
+    rel = scored["release_privacy"]
     privacy.update(
         mi_auc_max=max(p["mi_auc"] for p in per),
-        reid_rate_max=max(p["reid_rate"] for p in per),
-        epsilon_max=None if any(p["epsilon"] is None for p in per) else max(p["epsilon"] for p in per),
+        epsilon_max=epsilon,
+        delta_at_epsilon_max=delta,
+        reid_rate=rel["reid_rate"],
         reid_quantile=ev.attack.reid_quantile,
     )
-
-    # ----------------------------------------------------------------- FUP
-    syn_aucs = [utility["synthetic_only"]["internal"]["auc"]] + [v["auc"] for v in utility["synthetic_only"]["external"].values()]
-    real_aucs = [utility["pooled_real"]["internal"]["auc"]] + [v["auc"] for v in utility["pooled_real"]["external"].values()]
-    f = fidelity_score(fidelity["fid"], fidelity["fid_real_reference"], fidelity["fid_noise_reference"])
-    u = utility_score(syn_aucs, real_aucs)
-    p = privacy_score(privacy["mi_auc_max"], privacy["reid_rate_max"], ev.attack.reid_quantile)
-    fup = {"fidelity": f, "utility": u, "privacy": p, "fup": fup_score(f, u, p, ev.fup_weights), "weights": vars(ev.fup_weights)}
+    fup = scored["fup"]
 
     headline = {
         "fid": fidelity["fid"],
-        "kid": fidelity["kid"],
+        "fid_real_reference": fidelity["reference"]["fid"],
+        "coverage": fidelity["coverage"],
         "auc_gain_internal": utility["auc_gain_internal"],
         "auc_gain_external": utility["auc_gain_external"],
+        "dcr_share_closer_to_train": rel["dcr_share_closer_to_train"],
+        "dcr_excess": rel["dcr_excess"],
+        "dcr_p_value": rel["dcr_p_value"],
+        "domias_auc": rel["domias"]["auc"],
         "mi_auc_max": privacy["mi_auc_max"],
-        "reid_rate_max": privacy["reid_rate_max"],
+        "reid_rate": rel["reid_rate"],
         "epsilon": {n: privacy["sites"][n]["epsilon"] for n in train_names},
+        "fidelity_F": fup["fidelity"],
+        "utility_U": fup["utility"],
+        "privacy_P": fup["privacy"],
         "fup": fup["fup"],
     }
+    k = run.model.num_classes
     previews = {
-        "real": {c: pooled_hold_x[pooled_hold_y == c][:32] for c in range(k)},
+        "real": {c: pool.hold_x[pool.hold_y == c][:32] for c in range(k)},
         "synthetic": {c: syn_x[syn_y == c][:32] for c in range(k)},
     }
     metrics = {"headline": headline, "fidelity": fidelity, "utility": utility, "privacy": privacy, "fup": fup}

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from common.config import FUPWeights
-from common.metrics.attacks import attack_metrics, nearest_neighbour_report, nn_distances
+from common.metrics.attacks import attack_metrics, nn_distances, release_privacy
 from common.metrics.fidelity import RandomConvNetFeatures, extract, fid_kid, msssim_diversity
-from common.metrics.fup import fidelity_score, fup_score, privacy_score, utility_score
+from common.metrics.fup import attack_scores, fidelity_score, fup_score, membership_advantage_bound, privacy_score, utility_score
 from common.metrics.utility import score_classifier
 
 G = torch.Generator().manual_seed(0)
@@ -50,14 +50,36 @@ def test_attack_metrics_known_answers():
     assert chance["auc"] == pytest.approx(0.5, abs=0.03) and chance["tpr_at_1pct_fpr"] < 0.05
 
 
-def test_nn_distance_and_reid_of_a_copying_generator():
-    train = torch.rand(50, 1, 4, 4, generator=G)
-    holdout = torch.rand(50, 1, 4, 4, generator=G)
+def test_attack_metrics_bootstrap_interval_covers_the_auc_and_reports_its_sample():
+    m, n = torch.randn(400, generator=G) + 0.5, torch.randn(300, generator=G)
+    out = attack_metrics(m, n, resamples=300)
+    lo, hi = out["auc_ci95"]
+    assert lo < out["auc"] < hi and hi - lo < 0.15
+    assert (out["members"], out["nonmembers"], out["false_positives_at_1pct_fpr"]) == (400, 300, 3)
+
+
+def test_dcr_reid_and_duplicates_catch_a_copying_generator_but_not_fresh_images():
+    train = torch.rand(300, 1, 4, 4, generator=G)
+    holdout = torch.rand(300, 1, 4, 4, generator=G)
     assert torch.allclose(nn_distances(train[:5], train), torch.zeros(5), atol=1e-3)
-    copies = nearest_neighbour_report(train.clone(), train, holdout, quantile=0.01, seed=0)
-    assert copies["reid_rate"] == 1.0 and copies["nn_distance_ratio"] < 0.01
-    fresh = nearest_neighbour_report(torch.rand(200, 1, 4, 4, generator=G), train, holdout, 0.05, seed=0)
-    assert fresh["reid_rate"] < 0.2 and fresh["nn_distance_ratio"] == pytest.approx(1.0, abs=0.15)
+    copies = release_privacy(train[:200].clone(), train, holdout, quantile=0.01, seed=0, permutations=100)
+    assert copies["reid_rate"] == 1.0 and copies["exact_duplicates"] == 200 and copies["near_duplicate_share"] == 1.0
+    assert copies["dcr_share_full"] == 1.0 and copies["dcr_p_value"] < 0.02 and copies["dcr_excess"] == 1.0
+    fresh = release_privacy(torch.rand(200, 1, 4, 4, generator=G), train, holdout, 0.05, seed=0, permutations=100)
+    assert fresh["reid_rate"] < 0.2 and fresh["exact_duplicates"] == 0 and fresh["dcr_excess"] < 0.05
+    assert fresh["dcr_share_closer_to_train"] == pytest.approx(0.5, abs=0.1) and fresh["dcr_p_value"] > 0.01
+
+
+def test_dcr_permutation_test_is_not_fooled_by_a_hub_image():
+    # One flat grey image is every noise query's nearest neighbour: the binomial test then
+    # "sees" all 200 queries closer to training; the permutation test does not.
+    train = torch.rand(100, 1, 8, 8, generator=G).round()
+    holdout = torch.rand(100, 1, 8, 8, generator=G).round()
+    train[0] = 0.5
+    noise = 0.5 + 0.05 * torch.randn(200, 1, 8, 8, generator=G)
+    out = release_privacy(noise, train, holdout, 0.01, seed=0, permutations=200)
+    assert out["dcr_share_closer_to_train"] == 1.0 and out["dcr_binomial_p"] < 1e-10 and out["dcr_share_full"] == 1.0
+    assert out["dcr_p_value"] > 0.05 and out["dcr_excess"] == 0.0
 
 
 class _FixedLogits(torch.nn.Module):
@@ -78,15 +100,57 @@ def test_classifier_scores_known_answers():
     assert s["accuracy"] == 0.5 and s["sensitivity"] == 0.5 and s["specificity"] == 0.5
 
 
+def test_three_class_scores_are_macro_one_vs_rest():
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    y = torch.randint(0, 3, (300,), generator=G)
+    logits = torch.randn(300, 3, generator=G) + 1.5 * torch.nn.functional.one_hot(y, 3)
+    probs = torch.softmax(logits, 1)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits[: len(x)]
+
+    s = score_classifier(Fixed(), torch.zeros(300, 1, 2, 2), y, torch.device("cpu"))
+    # Independently: scikit-learn's macro one-vs-rest AUC and balanced accuracy.
+    assert s["auc"] == pytest.approx(roc_auc_score(y.numpy(), probs.numpy(), multi_class="ovr", average="macro"), abs=1e-4)
+    assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y.numpy(), probs.argmax(1).numpy()), abs=1e-4)
+
+
+def test_a_three_class_classifier_trains_and_beats_chance():
+    from common.config import ClassifierConfig
+    from common.metrics.utility import train_classifier
+
+    y = torch.arange(3).repeat(100)
+    x = torch.rand(300, 1, 16, 16, generator=G) * 0.3
+    for c in range(3):  # each class a bright band in a different place
+        x[y == c, :, 5 * c : 5 * c + 5, :] += 0.6
+    model = train_classifier(ClassifierConfig(epochs=3, batch_size=32, channels=[8, 16]), x, y, 16, 3, 0, torch.device("cpu"))
+    assert score_classifier(model, x, y, torch.device("cpu"))["auc"] > 0.9
+
+
 def test_fup_pillars_known_answers():
     assert fidelity_score(1.0, 1.0, 10.0) == pytest.approx(100)
     assert fidelity_score(10.0, 1.0, 10.0) == pytest.approx(0)
     assert fidelity_score(10 ** 0.5, 1.0, 10.0) == pytest.approx(50)
     assert utility_score([0.75, 0.5], [1.0, 1.0]) == pytest.approx(25)
-    assert privacy_score(0.5, 0.01, 0.01) == pytest.approx(100)
-    assert privacy_score(1.0, 0.0, 0.01) == pytest.approx(0)
-    assert privacy_score(0.55, 0.5, 0.0) == pytest.approx(50)
-    assert fup_score(90, 60, 30, FUPWeights()) == pytest.approx(60)
+    # P: half the weakest attack's score, half the (eps, delta) guarantee.
+    clean = attack_scores(dcr_excess=0.0, reid_rate=0.01, reid_quantile=0.01, domias_auc=0.5)
+    assert clean == {"dcr": 100, "reid": 100, "domias": 100}
+    assert attack_scores(1.0, 0.01, 0.01, 0.5)["dcr"] == 0 and attack_scores(0.0, 1.0, 0.01, 0.5)["reid"] == 0
+    assert privacy_score(clean, epsilon=0.0, delta=0.0)["privacy"] == pytest.approx(100)
+    assert privacy_score(clean, epsilon=None, delta=None)["privacy"] == pytest.approx(50)  # no DP: no guarantee
+    # A strong epsilon cannot lift P above what the attacks show (copies claiming eps = 0.1).
+    assert privacy_score({**clean, "dcr": 0.0}, epsilon=0.1, delta=1e-5)["privacy"] == 0
+    assert privacy_score({**clean, "domias": 40.0}, epsilon=None, delta=None)["attack"] == 40
+    # The hypothesis-testing bound: eps = 1 allows an advantage of (e - 1) / (e + 1) = 0.462.
+    assert membership_advantage_bound(1.0, 0.0) == pytest.approx(0.4621, abs=1e-4)
+    assert membership_advantage_bound(8.0, 1e-5) > 0.999 and membership_advantage_bound(float("inf"), 0) == 1.0
+    p1, p8 = (privacy_score(clean, e, 1e-5)["privacy"] for e in (1.0, 8.0))
+    assert p1 > p8  # epsilon is an input of P
+    # FUP: geometric mean; a failed pillar cannot be bought back.
+    assert fup_score(90, 60, 30, FUPWeights()) == pytest.approx((90 * 60 * 30) ** (1 / 3))
+    assert fup_score(100, 100, 0, FUPWeights()) == 0
     assert fup_score(90, 60, 30, FUPWeights(fidelity=0, utility=0, privacy=2)) == pytest.approx(30)
 
 

@@ -67,13 +67,13 @@ def summarise(metrics: dict) -> dict:
 
 def _release(run: RunConfig, weights: dict, run_dir: Path, provenance: dict) -> dict:
     """Write a release from ``weights`` the way the server does (manifest: ``provenance``), and score it."""
-    from server.synthesis import synthesize, signing_key_path
+    from server.synthesis import STAGING, synthesize
     from simulations.evaluate import evaluate_release
 
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(weights, run_dir / "global_model.pt")
     write_json(run_dir / "privacy_ledger.json", {})
-    synthesize(run, weights, run_dir / "synthetic", provenance, signing_key_path(run, run_dir))
+    synthesize(run, weights, run_dir / STAGING, provenance)  # scored, never released: no gate, no signature
     metrics, _ = evaluate_release(run, run_dir)
     return metrics
 

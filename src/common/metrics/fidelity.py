@@ -1,21 +1,31 @@
-"""Fidelity: FID / KID in a documented feature space, and MS-SSIM diversity.
+"""Fidelity in a documented feature space: FID / KID (overall and per class), precision /
+recall (Kynkäänniemi et al. 2019), density / coverage (Naeem et al. 2020), MS-SSIM diversity.
 
 Feature extractors (see docs/metrics.md):
 
-* ``random-convnet`` (default, offline): a fixed MONAI residual encoder whose
-  weights are drawn from a seeded generator; features are the global averages of
-  every stage (480 dims). Its weight hash is reported so numbers are comparable
-  only between runs with the same hash. Not comparable to published Inception FIDs.
-* ``inception``: the standard TF-Inception-v3 port used by StyleGAN2-ADA /
-  clean-fid (TorchScript ``inception-2015-12-05.pt``), read from a configured
-  local path, 2048-d pool features. Needs no torchvision.
+* ``domain`` (default): a MONAI residual encoder trained to classify the *public* partition
+  (``public_prior.data``: no site's and no evaluation set's images), recipe in
+  ``evaluation.fidelity.domain``; its recipe, data hash and weight hash go in the report.
+* ``random-convnet`` (fallback when no public data is declared): the same encoder with
+  weights drawn from a seeded generator. Weaker: it rates a release missing a whole class
+  close to real data (docs/metrics.md, measured).
+* ``inception``: the standard TF-Inception-v3 port used by StyleGAN2-ADA / clean-fid
+  (TorchScript ``inception-2015-12-05.pt``), read from a configured local path.
+
+Every comparison uses the same number of images on both sides: FID's bias grows as n falls.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import os
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from monai.networks.blocks import ResidualUnit
@@ -24,7 +34,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ..config import FidelityConfig
+from ..config import FidelityConfig, RunConfig
 from ..data.medmnist import download
 from ..runtime import sha256_state_dict
 
@@ -70,8 +80,64 @@ class InceptionFeatures(nn.Module):
         return self.net(x, return_features=True)
 
 
-def build_extractor(cfg: FidelityConfig) -> tuple[nn.Module, dict]:
-    """Return the feature network and a description of it for the report."""
+def train_domain_extractor(x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> RandomConvNetFeatures:
+    """The encoder plus a linear head, trained by cross-entropy on public images; returns the encoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RandomConvNetFeatures(seed=seed)
+        net.requires_grad_(True).train()
+        head = nn.Linear(net.num_features, int(y.max()) + 1)
+        opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=lr)
+        draw = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            idx = torch.randint(len(x), (batch_size,), generator=draw)
+            opt.zero_grad()
+            nn.functional.cross_entropy(head(net(x[idx])), y[idx]).backward()
+            opt.step()
+    return net.eval().requires_grad_(False)
+
+
+def domain_extractor(run: RunConfig, runs_root: Path | None = None) -> tuple[nn.Module, dict]:
+    """The domain encoder for ``run``, trained once on the public partition and then cached."""
+    from ..data import load_public
+
+    if run.public_prior is None:
+        raise ValueError("evaluation.fidelity.extractor: 'domain' needs public data (public_prior.data); "
+                         "declare it, or choose random-convnet")
+    cfg = run.evaluation.fidelity.domain
+    data = load_public(run)
+    recipe = {"objective": "cross-entropy on the public labels", "steps": cfg.steps, "batch_size": cfg.batch_size,
+              "lr": cfg.lr, "seed": cfg.seed, "image_size": run.model.image_size}
+    blob = json.dumps({"data": data.sha256, "acquisition": vars(run.public_prior.data.acquisition), "recipe": recipe,
+                       "torch": torch.__version__}, sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:24]
+    cache = Path(cfg.cache_dir).expanduser()
+    cache = cache if cache.is_absolute() else (runs_root or Path(run.output_dir).expanduser().resolve()) / cache
+    path = cache / f"{key}.pt"
+    net = RandomConvNetFeatures()
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu"))
+    except (OSError, RuntimeError, EOFError, ValueError):
+        net = train_domain_extractor(data.x, data.y, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(net.state_dict(), tmp)
+        tmp.replace(path)
+    info = {"name": "domain-convnet-v1", "dims": net.num_features, "weights_sha256": sha256_state_dict(net.state_dict()),
+            "trained_on": {"name": data.name, "images": len(data.y), "data_sha256": data.sha256}, "recipe": recipe,
+            "fallback": False}
+    return net, info
+
+
+def build_extractor(cfg: FidelityConfig, run: RunConfig | None = None) -> tuple[nn.Module, dict]:
+    """Return the feature network and a description of it for the report. ``domain`` falls back
+    to ``random-convnet`` (labelled ``fallback: true``) when the run declares no public data."""
+    if cfg.extractor == "domain":
+        if run is not None and run.public_prior is not None:
+            return domain_extractor(run)
+        net = RandomConvNetFeatures(seed=0)
+        return net, {"name": "random-convnet-v1 (seed 0)", "dims": net.num_features, "weights_sha256": sha256_state_dict(net.state_dict()),
+                     "fallback": True, "why": "no public data declared (public_prior.data): no domain extractor can be trained"}
     if cfg.extractor == "inception":
         if not cfg.inception_path:
             raise ValueError("evaluation.fidelity.inception_path: required when extractor is 'inception'")
@@ -84,9 +150,10 @@ def build_extractor(cfg: FidelityConfig) -> tuple[nn.Module, dict]:
                 )
             download(INCEPTION_URL, path, md5=None)
         net = InceptionFeatures(path)
-        return net, {"name": "inception-2015-12-05 (TorchScript)", "path": str(path), "dims": 2048}
+        return net, {"name": "inception-2015-12-05 (TorchScript)", "path": str(path), "dims": 2048, "fallback": False}
     net = RandomConvNetFeatures(seed=0)
-    return net, {"name": "random-convnet-v1 (seed 0)", "dims": net.num_features, "weights_sha256": sha256_state_dict(net.state_dict())}
+    return net, {"name": "random-convnet-v1 (seed 0)", "dims": net.num_features, "weights_sha256": sha256_state_dict(net.state_dict()),
+                 "fallback": False}
 
 
 @torch.no_grad()
@@ -118,6 +185,52 @@ def fid_kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, kid_subset_size:
         metric.update(fake_feats, real=False)
     kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def prdc(real_feats: torch.Tensor, fake_feats: torch.Tensor, nearest_k: int) -> dict[str, float]:
+    """Precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et al. 2020),
+    by the authors' reference implementation (``prdc``), on k-NN balls in feature space."""
+    from prdc import compute_prdc
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the sample sizes
+        out = compute_prdc(real_feats.float().numpy(), fake_feats.float().numpy(), nearest_k)
+    return {k: float(v) for k, v in out.items()}
+
+
+def equal_n(real: torch.Tensor, fake: torch.Tensor, seed: int, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same number of rows from each side (seeded draws without replacement)."""
+    n = min(len(real), len(fake), cap or len(real))
+    gen = torch.Generator().manual_seed(seed)
+    return real[torch.randperm(len(real), generator=gen)[:n]], fake[torch.randperm(len(fake), generator=gen)[:n]]
+
+
+MIN_CLASS_IMAGES = 10  # fewer images of a class than this: the class counts as missing
+
+
+def per_class_fid(real_feats: torch.Tensor, real_y: torch.Tensor, fake_feats: torch.Tensor, fake_y: torch.Tensor,
+                  seed: int, kid_subset_size: int = 100, caps: dict[int, int] | None = None) -> dict[int, dict | None]:
+    """FID / KID of each class against real images of that class, equal n per class (at most
+    ``caps[c]``, so references can be computed at a release's n); None where the release holds
+    fewer than ``MIN_CLASS_IMAGES`` images of the class (the class is missing)."""
+    out: dict[int, dict | None] = {}
+    for c in real_y.unique().tolist():
+        r, f = real_feats[real_y == c], fake_feats[fake_y == c]
+        if len(f) < MIN_CLASS_IMAGES or len(r) < MIN_CLASS_IMAGES:
+            out[c] = None
+            continue
+        r, f = equal_n(r, f, seed + c, (caps or {}).get(c))
+        out[c] = {**fid_kid(r, f, kid_subset_size), "images": len(r)}
+    return out
+
+
+def fidelity_suite(real_feats: torch.Tensor, real_y: torch.Tensor, fake_feats: torch.Tensor, fake_y: torch.Tensor,
+                   seed: int, nearest_k: int = 5, kid_subset_size: int = 100, cap: int | None = None) -> dict:
+    """Every fidelity figure of ``fake`` against ``real`` (features), with equal n throughout."""
+    r, f = equal_n(real_feats, fake_feats, seed, cap)
+    out = {"images": len(r), **fid_kid(r, f, kid_subset_size), **prdc(r, f, nearest_k)}
+    classes = per_class_fid(real_feats, real_y, fake_feats, fake_y, seed, kid_subset_size)
+    out["per_class"] = {str(c): v for c, v in classes.items()}
+    return out
 
 
 def msssim_diversity(images: torch.Tensor, labels: torch.Tensor, pairs: int, seed: int) -> float:

@@ -16,7 +16,15 @@ import math
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_recall, binary_specificity
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_recall,
+    binary_specificity,
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_recall,
+)
 
 from ..config import ClassifierConfig
 from ..models import build_classifier
@@ -74,11 +82,20 @@ def train_with_synthetic(
 
 @torch.no_grad()
 def score_classifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """AUC, accuracy, sensitivity and specificity (positive class = 1) at threshold 0.5."""
-    probs = torch.cat([torch.softmax(model(x[i : i + 512].to(device)), 1)[:, 1].cpu() for i in range(0, len(x), 512)])
+    """Two classes: AUC, accuracy, sensitivity and specificity (positive class = 1, threshold 0.5).
+    More classes: macro one-vs-rest AUC, accuracy and balanced accuracy (macro recall)."""
+    probs = torch.cat([torch.softmax(model(x[i : i + 512].to(device)), 1).cpu() for i in range(0, len(x), 512)])
+    k = probs.shape[1]
+    if k == 2:
+        p1 = probs[:, 1]
+        return {
+            "auc": float(binary_auroc(p1, y)),
+            "accuracy": float(binary_accuracy(p1, y)),
+            "sensitivity": float(binary_recall(p1, y)),
+            "specificity": float(binary_specificity(p1, y)),
+        }
     return {
-        "auc": float(binary_auroc(probs, y)),
-        "accuracy": float(binary_accuracy(probs, y)),
-        "sensitivity": float(binary_recall(probs, y)),
-        "specificity": float(binary_specificity(probs, y)),
+        "auc": float(multiclass_auroc(probs, y, num_classes=k, average="macro")),
+        "accuracy": float(multiclass_accuracy(probs, y, num_classes=k, average="micro")),
+        "balanced_accuracy": float(multiclass_recall(probs, y, num_classes=k, average="macro")),
     }
