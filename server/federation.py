@@ -19,7 +19,7 @@ from .ledger import ServerLedger
 from .public_prior import public_prior
 from .secure_aggregation import run_secure_rounds
 from .strategy import LedgerFedAvg
-from .synthesis import signing_key_path, synthesize
+from .synthesis import STAGING, synthesize
 
 
 def latest_checkpoint(run_dir: Path) -> dict | None:
@@ -96,7 +96,7 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
     synthesize(
         run,
         weights,
-        run_dir / "synthetic",
+        run_dir / STAGING,  # signed and released only once the memorisation gate passes (server.export)
         provenance={
             "rounds": run.training.rounds,
             # The round-0 model: pretrained without DP on declared public data (None: random init).
@@ -105,6 +105,5 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
             "sites": {s: {"epsilon": p["epsilon"], "delta": p["delta"], "privacy_unit": p["privacy_unit"],
                           "accountant": run.training.accountant, "rounds_trained": p["rounds_trained"]} for s, p in privacy.items()},
         },
-        signing_key=signing_key_path(run, run_dir),
     )
     return {"privacy": privacy, "history": strategy.history}

@@ -31,10 +31,10 @@ from .strategy import ema_update
 def prior_key(run: RunConfig, data: PublicData) -> str:
     """What the prior depends on: the public data, the model, the pretraining settings, the seed."""
     assert run.public_prior is not None
-    settings = {k: v for k, v in vars(run.public_prior).items() if k not in ("data", "cache_dir")}
+    settings = {k: v for k, v in vars(run.public_prior).items() if k not in ("data", "cache_dir", "seed")}
     libs = {k: v for k, v in versions().items() if k in ("torch", "monai", "fedsynth")}  # the weights depend on them too
     blob = json.dumps({"data": data.sha256, "acquisition": vars(run.public_prior.data.acquisition), "model": vars(run.model),
-                       "settings": settings, "seed": run.seed, "versions": libs}, sort_keys=True, default=str)
+                       "settings": settings, "seed": run.public_prior.seed_for(run.seed), "versions": libs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -45,7 +45,8 @@ def pretrain(run: RunConfig, data: PublicData, device: torch.device | str = "cpu
     model has them) stay at their identity initialisation, so DP fine-tuning starts at the prior."""
     cfg = run.public_prior
     assert cfg is not None
-    gen = build_generator(run.model, seed=run.seed)
+    seed = cfg.seed_for(run.seed)
+    gen = build_generator(run.model, seed=seed)
     for mod in gen.modules.values():
         mod.requires_grad_(True)
         for adapter in (m for m in mod.modules() if isinstance(m, LowRankConv2d)):
@@ -55,7 +56,7 @@ def pretrain(run: RunConfig, data: PublicData, device: torch.device | str = "cpu
     gen.batch_size = cfg.batch_size
     optimizers = gen.optimizers(cfg.lr)
     ema = ema_update(None, gen.state_dict(), 0.0)
-    draw = torch.Generator().manual_seed(run.seed)
+    draw = torch.Generator().manual_seed(seed)
     for step in tqdm(range(cfg.steps), desc=f"public prior ({data.name})", unit="step", disable=not progress):
         idx = torch.randint(len(data.x), (cfg.batch_size,), generator=draw)
         gen.train_step(gen.modules[gen.private], optimizers, data.x[idx].to(device), data.y[idx].to(device))
@@ -119,7 +120,7 @@ def public_prior(run: RunConfig, runs_root: Path | None = None, progress: bool =
         "batch_size": run.public_prior.batch_size,
         "lr": run.public_prior.lr,
         "ema_decay": run.public_prior.ema_decay,
-        "seed": run.seed,
+        "seed": run.public_prior.seed_for(run.seed),
         "model_sha256": sha256_state_dict(weights),
         "key": key,
     }

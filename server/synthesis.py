@@ -1,4 +1,7 @@
-"""Sample the pooled synthetic dataset from the final global model and write its manifest."""
+"""Sample the pooled synthetic dataset from the final global model and write its manifest.
+
+The release is *staged* (``run_dir/staging``), unsigned: it becomes a signed release in
+``run_dir/synthetic`` only once the memorisation gate passes (server.export)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,13 @@ import torch
 from common.config import RunConfig
 from common.models.generators import build_generator
 from common.runtime import pick_device, sha256_file, sha256_state_dict, versions, write_json
-from common.security.signing import load_or_create_signing_key, sign_release
+
+STAGING, RELEASE = "staging", "synthetic"
+
+
+def release_dir(run_dir: Path) -> Path:
+    """The released folder when the gate passed, else the staged one."""
+    return run_dir / RELEASE if (run_dir / RELEASE / "synthetic.npz").exists() else run_dir / STAGING
 
 
 def class_counts(run: RunConfig) -> list[int]:
@@ -29,10 +38,8 @@ def class_counts(run: RunConfig) -> list[int]:
     return counts.tolist()
 
 
-def synthesize(
-    run: RunConfig, weights: dict[str, torch.Tensor], out_dir: Path, provenance: dict, signing_key: Path
-) -> Path:
-    """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and ``manifest.json``, signed with ``signing_key``."""
+def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], out_dir: Path, provenance: dict) -> Path:
+    """Write ``out_dir/synthetic.npz`` (uint8 images, labels) and an unsigned ``manifest.json``."""
     counts = class_counts(run)
     labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
     gen = build_generator(run.model)
@@ -59,7 +66,6 @@ def synthesize(
         **provenance,
     }
     write_json(out_dir / "manifest.json", manifest)
-    sign_release(out_dir, load_or_create_signing_key(signing_key))
     return data_path
 
 

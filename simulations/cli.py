@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError
+from common.evaluation.gate import ReleaseRefused
 from common.data.medmnist import DataError
 from common.privacy import PrivacyRefusal
 
@@ -56,6 +57,32 @@ def _evaluate(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir).resolve()
     evaluate_run(load_run_dir(run_dir), run_dir)
     print(f"wrote {run_dir / 'report.json'} and {run_dir / 'report.html'}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .simulate import evaluate_run, gate_and_sign, load_run_dir
+
+    run_dir = Path(args.run_dir).resolve()
+    run = load_run_dir(run_dir)
+    from common.runtime import sha256_file
+    from server.synthesis import STAGING
+
+    report_path = run_dir / "report.json"
+    # The gate needs the release attacks against the pooled training data: the evaluation's, of this very file.
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    staged = run_dir / STAGING / "synthetic.npz"
+    if staged.exists() and report.get("privacy", {}).get("release", {}).get("release_sha256") != sha256_file(staged):
+        report = evaluate_run(run, run_dir)
+    if args.study:
+        report["study"] = json.loads((Path(args.study) / "study.json").read_text())["headline"]
+    gate_and_sign(run, run_dir, report, args.override_gate)
+
+
+def _study(args: argparse.Namespace) -> None:
+    from common.evaluation.study import run_study
+
+    out = run_study(args.config, args.profile, args.output_dir, resume=args.resume)
+    print(f"wrote {out / 'study.json'} and {out / 'study.html'}")
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -213,6 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser("export", help="memorisation gate, data card and signature: release a staged run's synthetic data")
+    p.add_argument("run_dir")
+    p.add_argument("--override-gate", metavar="REASON", default=None,
+                   help="sign even if the gate refuses; the reason is recorded in the signed manifest and data card")
+    p.add_argument("--study", metavar="STUDY_DIR", default=None, help="put this study's headline table in the data card")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("study", help="repeat a federation over seeds x patient-disjoint folds: intervals, paired tests, "
+                       "effect sizes and a synthetic:real ratio ablation")
+    p.add_argument("config", help="simulation YAML with a study section, e.g. simulations/demo.yaml")
+    p.add_argument("--profile", default="quick", help="'quick' (a small grid) or 'full' (5 seeds x 3 folds)")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--resume", metavar="STUDY_DIR", default=None, help="continue a study; finished cells are kept")
+    p.set_defaults(func=_study)
+
     p = sub.add_parser("audit", help="empirical privacy audit: a statistical lower bound on each site's epsilon")
     p.add_argument("config", help="simulation YAML, e.g. simulations/demo.yaml")
     p.add_argument("--profile", default="quick")
@@ -283,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, PrivacyRefusal, ValueError) as exc:
         print(f"fedsynth: error: {exc}", file=sys.stderr)
         return 2
+    except ReleaseRefused as exc:
+        print(f"fedsynth: REFUSED: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

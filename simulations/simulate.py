@@ -20,6 +20,7 @@ from rich.console import Console
 from common.config import RunConfig, load_run, run_from_dict
 from common.reporting import write_reports
 from common.runtime import versions, write_json
+from server.synthesis import release_dir
 
 console = Console(stderr=True)
 
@@ -103,7 +104,7 @@ def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, P
     console.rule(f"[bold]fedsynth {how}[/] {run.name} ({run.profile}, {run.model.name}, dp={run.training.dp}) -> {run_dir}")
     console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} steps, then sampling")
     federate(run, run_dir)
-    if not (run_dir / "synthetic" / "synthetic.npz").exists():
+    if not (release_dir(run_dir) / "synthetic.npz").exists():
         stop = run.federation.stop_after_round
         if not stop or stop >= run.training.rounds:
             raise RuntimeError(f"federation finished without a synthetic release in {run_dir}; see the log above")
@@ -118,7 +119,18 @@ def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, P
         f"MI-AUC max {h['mi_auc_max']:.3f} | eps {', '.join(f'{s}={_eps(e)}' for s, e in h['epsilon'].items())} | FUP {h['fup']:.1f}"
     )
     console.print(f"Wall time {report['run']['wall_time_s']:.0f} s. Reports: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
+    gate_and_sign(run, run_dir, report)
     return report
+
+
+def gate_and_sign(run: RunConfig, run_dir: Path, report: dict, override: str | None = None) -> dict:
+    """The memorisation gate, then the signed release (server.export); a refusal raises ReleaseRefused."""
+    from server.export import export_release
+
+    result = export_release(run, run_dir, report, override)
+    how = "OVERRIDDEN by the operator" if override and not result["passed"] else "passed"
+    console.print(f"Memorisation gate {how}; signed release: {run_dir / 'synthetic'}")
+    return result
 
 
 def simulate(config: str, profile: str = "quick", output_dir: str | None = None, federate=run_federation) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.security.certs import make_certs
-from common.security.signing import verify_release
+from common.security.signing import VerificationError, verify_release
 from simulations import deploy
 from simulations.deploy import free_port, stop, wait_for
 
@@ -18,6 +18,13 @@ SITES = [REPO / "sites" / f"{s}.yaml" for s in ("hospital_a", "hospital_b", "hos
 TRAINING = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 5.0}  # ε budgets in the site YAMLs
 CONFIG = REPO / "tests" / "configs" / "deploy.yaml"  # 2 rounds, at least 2 sites per round
 FAULT_APP = REPO / "tests" / "fault-app"  # fedsynth with one node's update replaced by NaN
+
+
+def assert_staged_unsigned(run_dir):
+    """The ServerApp stages the release; only the memorisation gate (fedsynth export) signs it."""
+    assert (run_dir / "staging" / "synthetic.npz").exists() and not (run_dir / "synthetic").exists()
+    with pytest.raises(VerificationError, match="manifest.sig: missing"):
+        verify_release(run_dir / "staging")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def test_node_killed_mid_round_is_dropped_then_rejoins(fresh_budgets):
     for site, budget in TRAINING.items():
         assert 0 < ledger[site]["epsilon"] <= budget
     assert "external_d" in {e["site"] for e in read(run_dir, "history.json")["evaluate"]}
-    assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]
+    assert_staged_unsigned(run_dir)
 
 
 def test_malformed_update_from_a_node_is_rejected_never_averaged(fresh_budgets):
@@ -121,7 +128,7 @@ def test_secure_aggregation_across_processes(fresh_budgets):
     log = (federation.tmp / "secure.log").read_text()
     assert "Secure aggregation completed" in log and "Secure aggregation halted" not in log
     assert trained_by_round(run_dir) == {1: sorted(TRAINING)}  # the external node adds a zero-weight share
-    assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]
+    assert_staged_unsigned(run_dir)
 
 
 def test_unregistered_node_is_refused(federation, tmp_path):

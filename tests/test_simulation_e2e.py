@@ -32,7 +32,8 @@ def finished_run(shared_data, tmp_path_factory):
 def test_every_report_figure_exists_and_is_finite(finished_run):
     _, report = finished_run
     h = report["headline"]
-    for key in ("fid", "kid", "auc_gain_internal", "auc_gain_external", "mi_auc_max", "reid_rate_max", "fup"):
+    for key in ("fid", "coverage", "auc_gain_internal", "auc_gain_external", "mi_auc_max", "reid_rate", "dcr_share_closer_to_train",
+                "dcr_p_value", "domias_auc", "fidelity_F", "utility_U", "privacy_P", "fup"):
         assert math.isfinite(h[key]), key
     for block in ("fidelity", "utility", "privacy", "fup", "headline"):
         for path, value in _numbers(report[block], block):
@@ -40,8 +41,12 @@ def test_every_report_figure_exists_and_is_finite(finished_run):
     sites = report["privacy"]["sites"]
     assert set(sites) == {"hospital_a", "hospital_c"}
     for s in sites.values():
-        for key in ("mi_auc", "mi_tpr_at_1pct_fpr", "nn_distance_to_train_median", "nn_distance_to_holdout_median", "reid_rate"):
+        for key in ("mi_auc", "mi_auc_ci95", "mi_tpr_at_1pct_fpr"):
             assert key in s
+        assert s["mi_members"] == 60 and s["mi_nonmembers"] <= 60  # attack.max_images in tiny.yaml
+    rel = report["privacy"]["release"]  # the release against the pooled training set
+    assert rel["dcr_images"] == 120 and rel["dcr_permutations"] == 500 and "exact_duplicates" in rel
+    assert report["fidelity"]["extractor"]["name"].startswith("domain") and report["fidelity"]["extractor"]["trained_on"]["images"] > 0
     u = report["utility"]
     for way in ("synthetic_only", "pooled_real"):
         assert set(u[way]["external"]) == {"external_d"}
@@ -83,7 +88,12 @@ def test_release_is_signed_and_verifies(finished_run):
     from common.security.signing import verify_release
 
     run_dir, _ = finished_run
-    assert verify_release(run_dir / "synthetic") == ["synthetic.npz"]
+    assert verify_release(run_dir / "synthetic") == ["DATASHEET.md", "data_card.json", "synthetic.npz"]
+    manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
+    assert manifest["memorisation_gate"]["passed"] and "override" not in manifest["memorisation_gate"]
+    card = json.loads((run_dir / "synthetic" / "data_card.json").read_text())
+    assert set(card["sources_by_site"]) == {"hospital_a", "hospital_c"} and card["intended_uses"] and card["out_of_scope_uses"]
+    assert not (run_dir / "staging").exists()
 
 
 def test_a_paused_or_restarted_run_resumes_from_its_checkpoint(shared_data, tmp_path):
