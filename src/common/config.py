@@ -114,6 +114,14 @@ class PartitionConfig:
     # Dirichlet concentration of the label skew; smaller means more skewed.
     alpha: float = Field(2.0, gt=0)
     min_per_class: int = Field(20, ge=1)
+    # Cross-validation (fedsynth study): with folds >= 2 each site's held-out set is the fold-th of
+    # `folds` label-stratified groups of its units (patients where known), instead of holdout_fraction.
+    folds: int = Field(0, ge=0, le=20)
+    fold: int = Field(0, ge=0)
+
+    def __post_init__(self):
+        if self.folds >= 2 and self.fold >= self.folds:
+            raise ValueError(f"partition.fold: {self.fold} is not below partition.folds ({self.folds})")
 
 
 @dataclass(config=STRICT)
@@ -208,6 +216,12 @@ class PublicPriorConfig:
     ema_decay: float = Field(0.995, ge=0, lt=1)  # EMA of the weights, the prior shipped
     # Pretrained priors are cached here by a hash of data, model and settings (relative to output_dir).
     cache_dir: str = ".public_prior"
+    # The prior's own seed; None: the run's. A study fixes it, so every cell starts from one
+    # public checkpoint and the seeds vary what the sites do (partition, splits, DP noise).
+    seed: int | None = None
+
+    def seed_for(self, run_seed: int) -> int:
+        return run_seed if self.seed is None else self.seed
 
 
 @dataclass(config=STRICT)
@@ -240,22 +254,53 @@ class DownstreamConfig:
 
 
 @dataclass(config=STRICT)
+class DomainExtractorConfig:
+    """The domain feature extractor's training recipe (on ``public_prior.data`` only)."""
+
+    steps: int = Field(800, ge=1, le=1_000_000)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0  # fixed, not the run's: every run of a study is scored in the same feature space
+    cache_dir: str = ".extractor"  # relative to the folder that holds the run folders
+
+
+@dataclass(config=STRICT)
 class FidelityConfig:
-    # "random-convnet": a fixed, seeded MONAI network (offline, documented in
-    # docs/metrics.md). "inception": the standard TorchScript Inception-v3 at
+    # "domain": a MONAI encoder trained on the public partition only (no site, no evaluation
+    # set); "random-convnet": the same encoder with seeded random weights, the offline fallback
+    # when no public data is declared; "inception": the standard TorchScript Inception-v3 at
     # ``inception_path`` (downloaded there first when ``inception_download``).
-    extractor: Literal["random-convnet", "inception"] = "random-convnet"
+    extractor: Literal["domain", "random-convnet", "inception"] = "domain"
+    domain: DomainExtractorConfig = field(default_factory=DomainExtractorConfig)
     inception_path: str | None = None
     inception_download: bool = False
     max_images: int = Field(1000, ge=10)
     kid_subset_size: int = Field(100, ge=2)
     msssim_pairs: int = Field(200, ge=2)
+    nearest_k: int = Field(5, ge=1)  # k of precision/recall/density/coverage
 
 
 @dataclass(config=STRICT)
 class AttackConfig:
-    max_images: int = Field(300, ge=10)
+    # Members / non-members per site for the model's loss attack; None: all of them.
+    max_images: int | None = Field(None, ge=10)
     reid_quantile: float = Field(0.01, gt=0, lt=0.5)
+    bootstrap: int = Field(1000, ge=100)  # resamples for the attacks' 95% CIs
+    permutations: int = Field(500, ge=50)  # re-splits for the DCR test's null
+    domias_components: int = Field(8, ge=1, le=64)  # PCA dims of the density-ratio attack's KDE
+
+
+@dataclass(config=STRICT)
+class GateConfig:
+    """The memorisation gate (common.evaluation.gate): refuse to sign a release that crosses any of these."""
+
+    enabled: bool = True
+    dcr_alpha: float = Field(0.01, gt=0, lt=1)  # permutation test, H1: closer to training than to held-out
+    # ...and the share's excess over its null's 95th percentile (0 = chance, 1 = copies) above this
+    dcr_excess_max: float = Field(0.1, ge=0, le=1)
+    exact_duplicates_max: int = Field(0, ge=0)
+    near_duplicate_share_max: float = Field(0.01, ge=0, le=1)
+    reid_rate_max: float = Field(0.05, ge=0, le=1)
 
 
 @dataclass(config=STRICT)
@@ -281,6 +326,26 @@ class EvaluationConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     fup_weights: FUPWeights = field(default_factory=FUPWeights)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass(config=STRICT)
+class StudyArm:
+    """One generator of a study: a label and overrides of the run config (as in compare YAMLs)."""
+
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(config=STRICT)
+class StudyConfig:
+    """``fedsynth study``: the federation repeated over seeds x patient-disjoint folds."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    folds: int = Field(2, ge=2, le=20)
+    ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0], min_length=1)
+    arms: list[StudyArm] = field(default_factory=list)  # empty: the config's own generator only
+    confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
 @dataclass(config=STRICT)
@@ -297,6 +362,7 @@ class RunConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     public_prior: PublicPriorConfig | None = None
+    study: StudyConfig = field(default_factory=StudyConfig)
     origin: str = ""
 
     @property

@@ -63,13 +63,22 @@ def label_skewed_partition(
     )
 
 
-def holdout_split(n: int, holdout_fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded disjoint (train, held-out) index split, stratified by label when given."""
+def holdout_split(n: int, holdout_fraction: float, seed: int, labels: np.ndarray | None = None,
+                  folds: int = 0, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded disjoint (train, held-out) index split, stratified by label when given.
+
+    ``folds >= 2``: stratified k-fold instead; the held-out set is fold ``fold`` (each class dealt
+    round-robin into ``folds`` groups after a seeded shuffle), so the folds are disjoint and cover all."""
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
     train, hold = [], []
     for g in groups:
         g = rng.permutation(g)
+        if folds >= 2:
+            in_fold = (np.arange(len(g)) % folds) == fold
+            hold.append(g[in_fold])
+            train.append(g[~in_fold])
+            continue
         k = int(round(len(g) * holdout_fraction))
         hold.append(g[:k])
         train.append(g[k:])

@@ -132,7 +132,7 @@ def load_site(run: RunConfig, site: SiteConfig) -> SiteData:
     images = apply_profile(to_model_space(x[idx], run.model.image_size), site.acquisition)
     labels = torch.from_numpy(y[idx])
     # Each site's split seed mixes the run seed with the site name: seeded, site-specific.
-    tr, ho = holdout_split(len(labels), site.holdout_fraction, _split_seed(run, site), labels.numpy())
+    tr, ho = holdout_split(len(labels), site.holdout_fraction, _split_seed(run, site), labels.numpy(), run.partition.folds, run.partition.fold)
     return SiteData(site.name, images[tr], labels[tr], images[ho], labels[ho])
 
 
@@ -199,7 +199,8 @@ def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
     patients = [res.patients[i] for i in keep.tolist()]
     images = apply_profile(torch.from_numpy(res.images[keep]), site.acquisition)
     labels = torch.from_numpy(res.labels[keep])
-    ho = patient_holdout(patients, res.labels[keep], site.holdout_fraction, _split_seed(run, site), site.name)
+    ho = patient_holdout(patients, res.labels[keep], site.holdout_fraction, _split_seed(run, site), site.name,
+                         run.partition.folds, run.partition.fold)
     tr_idx, ho_idx = torch.from_numpy(np.flatnonzero(~ho)), torch.from_numpy(np.flatnonzero(ho))
     masks = None if res.masks is None else torch.from_numpy(res.masks[keep])
     return SiteData(site.name, images[tr_idx], labels[tr_idx], images[ho_idx], labels[ho_idx],
@@ -207,13 +208,15 @@ def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
                     train_units=[patients[i] for i in tr_idx.tolist()])
 
 
-def patient_holdout(patients: list[str], labels: np.ndarray, fraction: float, seed: int, site: str = "") -> np.ndarray:
-    """Boolean held-out mask per slice: whole patients go to one side, stratified by label."""
+def patient_holdout(patients: list[str], labels: np.ndarray, fraction: float, seed: int, site: str = "",
+                    folds: int = 0, fold: int = 0) -> np.ndarray:
+    """Boolean held-out mask per slice: whole patients go to one side, stratified by label
+    (with ``folds >= 2``: the patients of fold ``fold``)."""
     ids = sorted(set(patients))
     first = {p: int(l) for p, l in zip(reversed(patients), reversed(labels.tolist()))}
     p_labels = np.array([first[p] for p in ids])
     strat = p_labels if np.bincount(p_labels).min() >= 2 else None
-    tr, ho = holdout_split(len(ids), fraction, seed, strat)
+    tr, ho = holdout_split(len(ids), fraction, seed, strat, folds, fold)
     if len(tr) == 0 or len(ho) == 0:
         raise DataError(f"site {site}: {len(ids)} patient(s) cannot be split {1 - fraction:.0%}/{fraction:.0%} by patient")
     held = {ids[i] for i in ho}
