@@ -14,8 +14,9 @@ def test_compare_trains_every_model_and_writes_the_table(shared_data, tmp_path):
     rows = {r["model"]: r for r in report["rows"]}
     assert list(rows) == ["VAE", "GAN", "DDPM", "DP-DDPM"]
     for label, r in rows.items():
-        for key in ("fid", "kid", "msssim", "auc_int", "auc_ext", "gain_int", "gain_ext", "mi_auc", "tpr", "nn_ratio", "reid", "fup"):
+        for key in ("fid", "kid", "msssim", "auc_int", "auc_ext", "gain_int", "gain_ext", "mi_auc", "dcr", "domias", "reid", "F", "U", "P", "fup"):
             assert math.isfinite(r[key]), (label, key)
+        assert r["gate"] in ("passed", "REFUSED")
     assert rows["DP-DDPM"]["dp"] and 0 < rows["DP-DDPM"]["eps"] <= 8.0
     assert rows["DDPM"]["eps"] is None and not rows["DDPM"]["dp"]
     html = (out / "report.html").read_text()

@@ -143,6 +143,7 @@ def test_privacy_depends_on_epsilon_and_catches_copies_whatever_epsilon_is_claim
     from common.metrics.fup import fup_score, privacy_score
 
     c = scored["verbatim copies"]["fup"]
+    assert (c["fidelity"] + c["utility"] + c["privacy"]) / 3 > 30  # an arithmetic mean (the old FUP) would pass copies
     for eps in (0.1, 1.0):
         p = privacy_score(c["privacy_attacks"], eps, DELTA)["privacy"]
         assert fup_score(c["fidelity"], c["utility"], p, demo[0].evaluation.fup_weights) < 30

@@ -118,6 +118,9 @@ class PartitionConfig:
     # `folds` label-stratified groups of its units (patients where known), instead of holdout_fraction.
     folds: int = Field(0, ge=0, le=20)
     fold: int = Field(0, ge=0)
+    # Seed of the split of the pool into hospitals (and the public share); None: the run's seed.
+    # A study fixes it: the hospitals are the same in every cell; seeds vary splits and training.
+    seed: int | None = None
 
     def __post_init__(self):
         if self.folds >= 2 and self.fold >= self.folds:

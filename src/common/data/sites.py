@@ -118,7 +118,7 @@ def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarr
         y,
         shares=[s.share for s in parts_of],
         alpha=run.partition.alpha,
-        seed=run.seed,
+        seed=run.seed if run.partition.seed is None else run.partition.seed,
         min_per_class=run.partition.min_per_class,
     )
     k = [(s.name, s.role) for s in parts_of].index((site.name, site.role))

@@ -171,7 +171,9 @@ def study_runs(config: str, profile: str, output_dir: str | None) -> tuple[RunCo
         for seed in base.study.seeds:
             for fold in range(base.study.folds):
                 over = {**arm.overrides, **base_over, "seed": seed, "name": f"{base.name}-{arm.label}",
-                        "partition": {**arm.overrides.get("partition", {}), "folds": base.study.folds, "fold": fold},
+                        # The same hospitals (and public share) in every cell: the base run's partition.
+                        "partition": {**arm.overrides.get("partition", {}), "folds": base.study.folds, "fold": fold,
+                                      "seed": base.partition.seed if base.partition.seed is not None else base.seed},
                         # The canary audit is a separate, long experiment (fedsynth audit); a study repeats the release scoring.
                         "evaluation": {**arm.overrides.get("evaluation", {}), "audit": {"enabled": False}}}
                 if base.public_prior is not None:  # one public checkpoint for every cell (its seed: the base run's)
