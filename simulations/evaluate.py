@@ -175,6 +175,7 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
             "mi_members": mi["members"],
             "mi_nonmembers": mi["nonmembers"],
             "mi_tpr_at_1pct_fpr": mi["tpr_at_1pct_fpr"],
+            "mi_false_positives_at_1pct_fpr": mi["false_positives_at_1pct_fpr"],  # what that TPR rests on
         }
     per = privacy["sites"].values()
     rel = scored["release_privacy"]

@@ -137,6 +137,8 @@ def test_privacy_depends_on_epsilon_and_catches_copies_whatever_epsilon_is_claim
         assert scored[name]["fup"]["privacy_attack"] < 10, scored[name]["release_privacy"]
         assert scored[name]["release_privacy"]["dcr_p_value"] < 0.01
     assert scored["verbatim copies"]["release_privacy"]["exact_duplicates"] > 0.9 * len(fresh[0][:1000])
+    # Pure noise leaks nothing: every attack reads chance (its nearest neighbours are hub images).
+    assert scored["pure noise"]["fup"]["privacy_attack"] > 90, scored["pure noise"]["release_privacy"]
     good = scored["good (new patients)"]
     assert good["fup"]["privacy_attack"] > 80 and good["release_privacy"]["dcr_p_value"] > 0.01
     # Copies claiming a strong epsilon still score below 30: the guarantee cannot outvote the attacks.

@@ -19,7 +19,7 @@ Each pillar is scaled to 0-100 against references measured in the same run:
   P_attack = min over the release attacks (the same for every generator family) of
   100 * (1 - e) for the DCR excess e (the share of synthetic images nearer a member than any
   held-out image, above the 95th percentile of its permutation null, as a fraction of the room
-  above it: 0 by chance, 1 for copies),
+  above the null's mean: 0 by chance, about 0.8 for copies),
   100 * clip(1 - (r - q) / (1 - q)) for the re-identification rate r at chance level q, and
   100 * clip(1 - 2 (AUC - 0.5)) for the density-ratio membership attack; and
   P_guarantee = 100 * (1 - (e^eps - 1 + 2 delta) / (e^eps + 1)) for the worst site's (eps, delta):
