@@ -106,7 +106,7 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
         **scored["fidelity"],
         "msssim_synthetic": msssim_diversity(syn_x, syn_y, ev.fidelity.msssim_pairs, run.seed),
         "msssim_real": msssim_diversity(pool.hold_x, pool.hold_y, ev.fidelity.msssim_pairs, run.seed),
-        "sites": {name: scorer.site_fid(sites[name].holdout_x if name in train_names else pool.external[name][0], syn_x)
+        "sites": {name: scorer.site_fid(sites[name].holdout_x if name in train_names else pool.external[name][0], scored["features"])
                   for name in train_names + ext_names},
     }
 

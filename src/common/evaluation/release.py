@@ -62,8 +62,9 @@ class ReleaseScorer:
         return fidelity_suite(self.f_hold, self.pool.hold_y, feats, labels, self.seed, ev.nearest_k, ev.kid_subset_size, self.cap)
 
     # ------------------------------------------------------------------ fidelity
-    def fidelity(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        suite = self._suite(extract(self.net, x), y)
+    def fidelity(self, x: torch.Tensor, y: torch.Tensor, feats: torch.Tensor | None = None) -> dict:
+        """``feats``: the release's features when the caller already extracted them."""
+        suite = self._suite(extract(self.net, x) if feats is None else feats, y)
         # F's references per class at the release's own n per class: FID's bias depends on n.
         caps = {int(c): v["images"] for c, v in suite["per_class"].items() if v}
         k, p = self.run.evaluation.fidelity.kid_subset_size, self.pool
@@ -99,24 +100,26 @@ class ReleaseScorer:
         return {"synthetic_only": syn, "pooled_real": self.pooled_real, "score": utility_score(aucs(syn), aucs(self.pooled_real))}
 
     # ------------------------------------------------------------------- privacy
-    def release_privacy(self, x: torch.Tensor) -> dict:
+    def release_privacy(self, x: torch.Tensor, feats: torch.Tensor | None = None) -> dict:
         at = self.run.evaluation.attack
         out = release_privacy(x, self.pool.train_x, self.pool.hold_x, at.reid_quantile, self.seed, at.permutations)
-        out["domias"] = domias(extract(self.net, x), self.f_train, self.f_hold, at.domias_components, at.bootstrap, self.seed)
+        feats = extract(self.net, x) if feats is None else feats
+        out["domias"] = domias(feats, self.f_train, self.f_hold, at.domias_components, at.bootstrap, self.seed)
         return out
 
     def score(self, x: torch.Tensor, y: torch.Tensor, epsilon: float | None, delta: float | None) -> dict:
         """F, U and P of one release with the worst site's (epsilon, delta), and its FUP."""
-        fid, util, priv = self.fidelity(x, y), self.utility(x, y), self.release_privacy(x)
+        feats = extract(self.net, x)  # once, for the fidelity figures and the density-ratio attack
+        fid, util, priv = self.fidelity(x, y, feats), self.utility(x, y), self.release_privacy(x, feats)
         attacks = attack_scores(priv["dcr_excess"], priv["reid_rate"], priv["reid_quantile"], priv["domias"]["auc"])
         p = privacy_score(attacks, epsilon, delta)
         fup = {"fidelity": fid["score"], "utility": util["score"], "privacy": p["privacy"],
                "privacy_attack": p["attack"], "privacy_guarantee": p["guarantee"], "privacy_attacks": p["attacks"],
                "epsilon": epsilon, "delta": delta, "weights": vars(self.run.evaluation.fup_weights)}
         fup["fup"] = fup_score(fup["fidelity"], fup["utility"], fup["privacy"], self.run.evaluation.fup_weights)
-        return {"fidelity": fid, "utility": util, "release_privacy": priv, "fup": fup}
+        return {"fidelity": fid, "utility": util, "release_privacy": priv, "fup": fup, "features": feats}
 
-    def site_fid(self, real: torch.Tensor, x: torch.Tensor) -> dict:
-        """FID / KID of the release against one site's real images, equal n on both sides."""
-        r, f = equal_n(extract(self.net, real), extract(self.net, x), self.seed, self.cap)
+    def site_fid(self, real: torch.Tensor, feats: torch.Tensor) -> dict:
+        """FID / KID of the release (its features) against one site's real images, equal n on both sides."""
+        r, f = equal_n(extract(self.net, real), feats, self.seed, self.cap)
         return {**fid_kid(r, f, self.run.evaluation.fidelity.kid_subset_size), "images": len(r)}
