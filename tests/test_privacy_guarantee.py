@@ -245,6 +245,35 @@ def test_two_runs_sharing_a_ledger_never_train_past_its_budget(tmp_path):
     assert ledger.spent <= 1.5
 
 
+def _open_and_spend_once(path: str, out: multiprocessing.Queue) -> None:
+    try:
+        ledger = PrivacyLedger(path, 1.5, 1e-5)
+        with ledger.session():
+            ledger.reserve(1, 3.0, 0.1, 20)
+            ledger.commit(1)
+        out.put("ok")
+    except Exception as exc:  # noqa: BLE001 - the test reports what a run would have seen
+        out.put(repr(exc))
+
+
+def test_runs_opening_a_fresh_ledger_together_never_mistake_the_first_write_for_a_deletion(tmp_path):
+    """The first write creates the key just before the ledger; a run opening the ledger in between
+    must wait for the writer instead of refusing with 'the ledger was deleted'."""
+    ctx = multiprocessing.get_context("fork")
+    seen = []
+    for attempt in range(15):
+        out = ctx.Queue()
+        path = str(tmp_path / str(attempt) / "privacy_ledger.json")
+        (tmp_path / str(attempt)).mkdir()
+        workers = [ctx.Process(target=_open_and_spend_once, args=(path, out)) for _ in range(4)]  # four rounds fit the budget
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        seen += [out.get(timeout=5) for _ in workers]
+    assert seen == ["ok"] * len(seen), sorted(set(seen))
+
+
 def test_an_edited_or_deleted_ledger_is_detected_and_the_site_refuses(tiny_run, tmp_path):
     site, data = tiny_run.training_sites[0], _site_data()
     weights = build_generator(tiny_run.model).state_dict()

@@ -72,7 +72,13 @@ class PrivacyLedger:
         self.epsilon_budget = float(epsilon_budget)
         self.delta = float(delta)
         self.mechanism = accountant
-        self.load()
+        # Read under a shared lock: a run writing its first round creates the key just before the ledger,
+        # and an unlocked reader in between would take that for a deleted ledger.
+        if self.path.parent.is_dir() and os.access(self.path.parent, os.W_OK):
+            with self._flock(fcntl.LOCK_SH):
+                self.load()
+        else:  # nobody can be writing a ledger in a folder that is missing or read-only
+            self.load()
 
     def _open(self, path: str | os.PathLike, lock_timeout_s: float) -> None:
         self.path = Path(path)
@@ -116,19 +122,28 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------ updates
     @contextlib.contextmanager
-    def session(self, reload: bool = True) -> Iterator["PrivacyLedger"]:
-        """Hold the ledger's exclusive lock and work on its freshest state (``reload``)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _flock(self, kind: int) -> Iterator[None]:
+        """Hold the ledger's lock file in ``kind`` (shared or exclusive) mode, waiting up to the lock timeout."""
         with open(self.lock_path, "a") as lock:
             deadline = time.monotonic() + self.lock_timeout_s
             while True:
                 try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(lock, kind | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         raise LedgerError(f"{self.path.name}: still locked by another run after {self.lock_timeout_s:.0f} s") from None
                     time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def session(self, reload: bool = True) -> Iterator["PrivacyLedger"]:
+        """Hold the ledger's exclusive lock and work on its freshest state (``reload``)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._flock(fcntl.LOCK_EX):
             self._locked += 1
             try:
                 if reload:
@@ -136,7 +151,6 @@ class PrivacyLedger:
                 yield self
             finally:
                 self._locked -= 1
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def reserve(self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Check and write a round's steps to the ledger before its first step; returns ε after it."""
