@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from common.config import ConfigError, PreprocessConfig, load_site, site_state_dir
-from common.data.ingest import ingest_site
+from common.data.ingest import ingest_site, path_key, quarantined
 from common.data.medmnist import DataError
 from common.data.preprocess import normalise
 from common.data.pseudonym import Pseudonymiser
@@ -116,22 +116,23 @@ def test_pydicom_test_files_read_with_patient_tags_removed(tmp_path):
     pydicom = pytest.importorskip("pydicom")  # a test dependency, installed by make test
     from pydicom.data import get_testdata_file
 
-    root = tmp_path / "dicom"
-    root.mkdir()
-    phi = set()
-    for name in ("CT_small.dcm", "MR_small.dcm"):
+    # Each file in a site of its own modality (an MR file in a CT site is quarantined: tests/security).
+    for name, modality in (("CT_small.dcm", "ct"), ("MR_small.dcm", "mri")):
+        root = tmp_path / modality
+        root.mkdir()
         src = get_testdata_file(name)
         ds = pydicom.dcmread(src)
-        phi |= {str(ds.PatientName), str(ds.PatientID)}
+        phi = {str(ds.PatientName), str(ds.PatientID)}
         shutil.copy(src, root / name)
-    write_csv(root / "labels.csv", [{"path": "CT_small.dcm", "label": 0}, {"path": "MR_small.dcm", "label": 1}])
-    site = load_site(site_yaml(tmp_path / "p.yaml", "pyd", f"{{kind: dicom, root: {root}, labels_csv: {root / 'labels.csv'}, modality: ct}}"))
-    res = ingest_site(site, 32, progress=False)
-    assert sorted(set(res.labels.tolist())) == [0, 1] and res.quarantine == []
-    assert len(set(res.patients)) == 2
-    written = all_bytes_under(site_state_dir(site)) + json.dumps(res.summary).encode()
-    for value in phi:
-        assert value.encode() not in written, value
+        write_csv(root / "labels.csv", [{"path": name, "label": 1}])
+        site = load_site(site_yaml(tmp_path / f"{modality}.yaml", f"pyd_{modality}",
+                                   f"{{kind: dicom, root: {root}, labels_csv: {root / 'labels.csv'}, modality: {modality}}}"))
+        res = ingest_site(site, 32, progress=False)
+        assert res.labels.tolist() == [1] and res.quarantine == []
+        assert res.patients == [Pseudonymiser(site_state_dir(site) / "pseudonym.key")(str(ds.PatientID))]
+        written = all_bytes_under(site_state_dir(site)) + json.dumps(res.summary).encode()
+        for value in phi:
+            assert value.encode() not in written, value
 
 
 def test_every_bad_input_is_quarantined_with_its_reason_and_valid_scans_kept(mni, tmp_path):
@@ -176,8 +177,10 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_valid_scans_kept(mni
         "unlabelled.nii.gz": "label_missing",
     }
     assert sorted(set(res.labels.tolist())) == [0, 1] and len(set(res.patients)) == 2
+    # On disk, files are named by keyed names the operator can compute (and match back), not by path.
     on_disk = json.loads((site_state_dir(site) / "quarantine.json").read_text())["quarantined"]
-    assert {q["path"]: q["reason"] for q in on_disk} == got
+    assert {q["key"]: q["reason"] for q in on_disk} == {path_key(site, p): r for p, r in got.items()}
+    assert {q["path"]: q["reason"] for q in quarantined(site)} == got
 
 
 def test_nothing_valid_is_a_clear_error_naming_site_and_reasons(tmp_path):

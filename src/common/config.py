@@ -62,6 +62,9 @@ class SourceConfig:
     channels: list[str] = field(default_factory=lambda: ["path"])
     mask_column: str | None = None
     patient_column: str | None = None  # nifti/images: who the scan belongs to (pseudonymised)
+    # Largest scan read, in voxels (x colour components) per file or DICOM series, checked in the
+    # header before any pixel is decompressed. 512^3: a 512x512 CT of 512 slices (docs/ingestion.md).
+    max_voxels: int = Field(512**3, ge=1)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
@@ -188,6 +191,9 @@ class SecureAggregationConfig:
     quantization_range: int = Field(2**22, ge=2**8, le=2**24)
     # SecAgg+'s weight scale; every site sends weight max_weight (sites weigh equally: counts are private).
     max_weight: float = Field(10_000.0, gt=0)
+    # A round is aborted before unmasking unless this many nodes sent a real (non-zero weight)
+    # update: declined and evaluation-only nodes add zeros, and the "sum" of one update is that update.
+    min_contributors: int = Field(2, ge=2)
 
 
 @dataclass(config=STRICT)
@@ -234,9 +240,10 @@ class SynthesisConfig:
     batch_size: int = Field(250, ge=1)
     # Share per class label, a public input; None means uniform (sites never send label counts).
     class_mix: dict[int, float] | None = None
-    # The coordinator's Ed25519 release-signing key (PEM); created (0600) on first use.
-    # A relative path is relative to the folder holding the run folders.
-    signing_key: str = ".keys/release_signing.pem"
+    # The deployment's one Ed25519 release-signing key (PEM), made by `fedsynth certs` (or created 0600
+    # on first use). A relative path is relative to the working directory; $FEDSYNTH_SIGNING_KEY
+    # overrides it. It must lie outside the run folders, which are shared and copied.
+    signing_key: str = "certs/release_signing.pem"
 
 
 @dataclass(config=STRICT)
@@ -484,6 +491,11 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
         raise ConfigError(
             f"{path}: federation.secure_aggregation needs federation.min_train_nodes >= 2 "
             "(the sum of one update is that update)"
+        )
+    if run.federation.secure_aggregation.enabled and run.federation.secure_aggregation.min_contributors > len(run.training_sites):
+        raise ConfigError(
+            f"{path}: federation.secure_aggregation.min_contributors={run.federation.secure_aggregation.min_contributors} "
+            f"exceeds the {len(run.training_sites)} training sites (every round would be aborted)"
         )
     return run
 

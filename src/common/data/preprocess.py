@@ -3,7 +3,7 @@
 Images are resampled with linear interpolation and masks with nearest neighbour
 onto the same grid, so they stay aligned. Intensities end in [0, 1]:
 
-* CT: HU window (centre, width) -> [0, 1];
+* CT: HU window (centre, width) -> [0, 1]; a volume mostly above the window is not HU;
 * MRI: clip to percentiles, z-score, then z in [-3, 3] -> [0, 1];
 * X-ray: percentile min-max -> [0, 1].
 """
@@ -18,6 +18,9 @@ from monai.transforms import NormalizeIntensity, ScaleIntensityRange, ScaleInten
 
 from ..config import PreprocessConfig
 from .readers import ScanError
+
+# A "CT" with more of its voxels above the window's top than this is quarantined (modality_mismatch).
+CT_MAX_ABOVE_WINDOW = 0.5
 
 
 def standardise(image: sitk.Image, cfg: PreprocessConfig, is_mask: bool = False) -> sitk.Image:
@@ -58,6 +61,12 @@ def normalise(array: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.nda
     lo, hi = cfg.percentiles
     if modality == "ct":
         c, w = cfg.ct_window
+        # Most of a CT lies below any clinical window's top (air, fat, soft tissue); most of an MR
+        # or X-ray image in scanner units lies above it and would saturate to white.
+        above = float((array > c + w / 2).mean())
+        if above > CT_MAX_ABOVE_WINDOW:
+            raise ScanError("modality_mismatch", f"{above:.0%} of voxels above the CT window: not Hounsfield units "
+                            "(an MR or X-ray image in a CT site?)")
         out = ScaleIntensityRange(a_min=c - w / 2, a_max=c + w / 2, b_min=0.0, b_max=1.0, clip=True)(x)
     elif modality == "mri":
         clipped = torch.clamp(x, float(np.percentile(array, lo)), float(np.percentile(array, hi)))

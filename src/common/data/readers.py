@@ -1,11 +1,14 @@
 """Reading scans with SimpleITK: DICOM series, NIfTI volumes, PNG/JPEG images.
 
-Identifying DICOM tags are read only to derive a pseudonym and are never
-returned, logged or stored.
+Every file's header is read before its pixels: a scan is refused (``ScanError``) when
+its format does not match its name, it holds more voxels than ``source.max_voxels``,
+or (DICOM) it declares another modality or burned-in annotation. Identifying DICOM
+tags are read only to derive a pseudonym and are never returned, logged or stored.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -27,8 +30,22 @@ PHI_TAGS = {
     "0020|0010": "StudyID",
 }
 PATIENT_ID_TAG = "0010|0020"
+MODALITY_TAG = "0008|0060"
+BURNED_IN_TAG = "0028|0301"  # BurnedInAnnotation: YES when text (names, dates) is part of the pixels
+# DICOM Modality (0008,0060) codes each site modality accepts (PS3.3 C.7.3.1.1.1): projection
+# radiography for xray. "OT" (other, e.g. secondary captures) and a missing tag name no modality.
+DICOM_MODALITIES = {
+    "ct": {"CT"},
+    "mri": {"MR"},
+    "xray": {"CR", "DX", "RG", "MG", "IO", "PX", "RF", "XA"},
+}
+UNDECLARED_MODALITIES = {"", "OT"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# The reader a file's name promises; its contents must match (PNG bytes named .nii are refused).
+IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".png": "PNGImageIO", ".jpg": "JPEGImageIO", ".jpeg": "JPEGImageIO"}
+# ITU-R BT.601 luma: GDCM hands colour DICOM (RGB, YBR, palette) over as RGB.
+LUMA = (0.299, 0.587, 0.114)
 
 
 class ScanError(Exception):
@@ -41,7 +58,10 @@ class ScanError(Exception):
 
 
 def find_dicom_series(root: Path) -> tuple[list[list[Path]], list[Path]]:
-    """Every DICOM series under ``root`` (files in slice order) and the files in no series."""
+    """Every DICOM series under ``root`` (files in slice order) and the files in no series.
+
+    Symlinked folders are not followed; symlinked files are listed as found (the caller
+    refuses those that resolve outside ``root``)."""
     series: list[list[Path]] = []
     claimed: set[Path] = set()
     all_files: list[Path] = []
@@ -49,62 +69,117 @@ def find_dicom_series(root: Path) -> tuple[list[list[Path]], list[Path]]:
         if not files:
             continue
         all_files += [Path(folder) / f for f in sorted(files) if not f.startswith(".") and not f.endswith(".csv")]
-        for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ():
-            names = [Path(n) for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)]
-            series.append(names)
-            claimed.update(names)
+        try:
+            found = [[Path(n) for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)]
+                     for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ()]
+        except RuntimeError:  # a folder GDCM cannot scan: its files are quarantined, not the site lost
+            continue
+        series += found
+        claimed.update(n for names in found for n in names)
     return series, [f for f in all_files if f not in claimed]
 
 
-def read_dicom_series(files: list[Path]) -> tuple[sitk.Image, str]:
-    """The series as one image, and its PatientID (to be pseudonymised at once)."""
+def read_dicom_series(files: list[Path], modality: str, max_voxels: int) -> tuple[sitk.Image, str]:
+    """The series as one grey image, and its PatientID (to be pseudonymised at once).
+
+    Each file's header is checked first: modality, burned-in annotation, voxel count."""
+    voxels, pid = 0, ""
+    for i, f in enumerate(files):
+        header = _header(f, "GDCMImageIO")
+        tag = lambda key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""  # noqa: E731
+        if tag(BURNED_IN_TAG).upper() == "YES":
+            raise ScanError("burned_in_annotation", "BurnedInAnnotation is YES: text such as a name may be in the pixels")
+        declared = tag(MODALITY_TAG).upper()
+        if declared not in UNDECLARED_MODALITIES | DICOM_MODALITIES[modality]:
+            raise ScanError("modality_mismatch", f"DICOM Modality {declared}, but the site's source.modality is {modality}")
+        voxels += _voxels(header)
+        if i == 0:
+            pid = tag(PATIENT_ID_TAG)
+    _check_voxels(voxels, max_voxels)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
-    reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOff()
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise ScanError("unreadable", _first_line(exc)) from None
-    pid = reader.GetMetaData(0, PATIENT_ID_TAG).strip() if reader.HasMetaDataKey(0, PATIENT_ID_TAG) else ""
-    return image, pid
+        raise ScanError("unreadable", first_line(exc)) from None
+    return to_grey(image), pid
 
 
-def read_image(path: Path) -> sitk.Image:
-    """A NIfTI volume or a PNG/JPEG image (colour averaged to grey)."""
+def read_image(path: Path, max_voxels: int) -> sitk.Image:
+    """A NIfTI volume or a PNG/JPEG image (colour turned to grey), its header checked first."""
     if not path.is_file():
         raise ScanError("unreadable", "file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ScanError("unreadable", _first_line(exc)) from None
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
+    io = next((IMAGE_IO[s] for s in IMAGE_IO if path.name.lower().endswith(s)), None)
+    if io is None:
+        raise ScanError("unreadable", f"not a {'/'.join(sorted(IMAGE_IO))} file name")
+    header = _header(path, io)
+    _check_voxels(_voxels(header), max_voxels)
+    if io == "NiftiImageIO":
         _check_nifti_finite(path)
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        comps = [sitk.Cast(sitk.VectorIndexSelectionCast(image, i), sitk.sitkFloat32) for i in range(min(3, image.GetNumberOfComponentsPerPixel()))]
-        image = sum(comps[1:], comps[0]) / len(comps)
-    return image
+    try:
+        image = header.Execute()
+    except RuntimeError as exc:
+        raise ScanError("unreadable", first_line(exc)) from None
+    return to_grey(image)
+
+
+def to_grey(image: sitk.Image) -> sitk.Image:
+    """A colour image as grey luma; grey images unchanged. Without this an RGB image's
+    pixel axis would be taken for a spatial one (its rows read as slices)."""
+    n = image.GetNumberOfComponentsPerPixel()
+    if n == 1:
+        return image
+    if n < 3:  # grey + alpha
+        return sitk.VectorIndexSelectionCast(image, 0, sitk.sitkFloat32)
+    return sum(w * sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32) for i, w in enumerate(LUMA))
+
+
+def _header(path: Path, io: str) -> sitk.ImageFileReader:
+    """A reader with the file's header read (size, pixel type, tags) and no pixel data."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(io)
+    reader.SetFileName(str(path))
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ScanError("unreadable", first_line(exc)) from None
+    return reader
+
+
+def _voxels(header: sitk.ImageFileReader) -> int:
+    return math.prod(header.GetSize()) * max(1, header.GetNumberOfComponents())
+
+
+def _check_voxels(voxels: int, max_voxels: int) -> None:
+    # Before any pixel is decompressed: a small .nii.gz can expand to gigabytes.
+    if voxels > max_voxels:
+        raise ScanError("too_large", f"{voxels:,} voxels in the header, over source.max_voxels ({max_voxels:,})")
 
 
 def _check_nifti_finite(path: Path) -> None:
     # SimpleITK's NIfTI reader silently turns NaN voxels into 0, so check the stored voxels.
-    raw = np.asanyarray(nib.load(str(path)).dataobj)
+    try:
+        raw = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, ValueError...
+        raise ScanError("unreadable", f"{type(exc).__name__}: {first_line(exc)}") from None
     if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
         raise ScanError("non_finite", f"{int((~np.isfinite(raw)).sum())} NaN/inf voxels")
 
 
 def list_scans(root: Path, kind: str) -> list[Path]:
-    """Candidate scan files under ``root`` for a NIfTI or image-folder site."""
+    """Candidate scan files under ``root`` for a NIfTI or image-folder site (symlinked folders not followed)."""
     out = []
-    for p in sorted(root.rglob("*")):
-        name = p.name.lower()
-        if p.is_file() and (name.endswith(NIFTI_SUFFIXES) if kind == "nifti" else p.suffix.lower() in IMAGE_SUFFIXES):
-            out.append(p)
-    return out
+    for folder, _dirs, files in os.walk(root):
+        for f in files:
+            name = f.lower()
+            if name.endswith(NIFTI_SUFFIXES) if kind == "nifti" else Path(name).suffix in IMAGE_SUFFIXES:
+                out.append(Path(folder) / f)
+    return sorted(out)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     # SimpleITK errors are long; keep the message, drop its C++ trace.
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[-1][:300] if lines else type(exc).__name__
-

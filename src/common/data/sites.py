@@ -171,7 +171,7 @@ def load_public(run: RunConfig) -> PublicData:
     else:
         from .ingest import ingest_site
 
-        res = ingest_site(site, run.model.image_size, progress=False)
+        res = ingest_site(site, run.model.image_size, progress=False, num_classes=run.model.num_classes)
         keep = first_occurrences(res.images)
         raw, labels, removed = res.images[keep], res.labels[keep], 0
         images = torch.from_numpy(raw)
@@ -191,7 +191,7 @@ def _load_ingested(run: RunConfig, site: SiteConfig) -> SiteData:
     """A DICOM / NIfTI / image-folder site, split 70/30 by patient, never by slice."""
     from .ingest import ingest_site
 
-    res = ingest_site(site, run.model.image_size, progress=False)
+    res = ingest_site(site, run.model.image_size, progress=False, num_classes=run.model.num_classes)
     if res.images.shape[1] != run.model.in_channels:
         raise DataError(f"{site.origin}: {res.images.shape[1]} channels per image, but model.in_channels is {run.model.in_channels}")
     # Exact duplicate slices (the same pixels twice, even under two patients) go before the split.

@@ -1,0 +1,1 @@
+"""Replays of the attacks in issue 12, each asserting its defence."""
