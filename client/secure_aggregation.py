@@ -66,7 +66,8 @@ def legacy_records_mod(msg: Message, ctxt: Context, call_next) -> Message:
         update = [reply.content["arrays"][k].numpy() for k in keys]
         weight = int(float(config[MAX_WEIGHT]))
         check_clipping_range(update, weight, float(config[CLIPPING_RANGE]), float(config[MAX_WEIGHT]))
-    else:  # declined or evaluation-only: a zero-weight contribution keeps the masks whole
+    else:  # declined or evaluation-only: a zero-weight contribution keeps the masks whole (the
+        # server counts the non-zero weights and unmasks no round with too few: server.secure_aggregation)
         update, weight = arrays, 0
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, {**metrics, **site})
     reply.content = compat.fitres_to_recorddict(res, keep_input=False)

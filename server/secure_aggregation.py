@@ -16,18 +16,29 @@ reject one malformed update. Each client checks its own update before masking
 (finite, inside the clipping range); the server checks the aggregate and
 drops a round whose aggregate is malformed. The ledger's figures (ε, δ, budget)
 still arrive per site, in the clear: the server ledger needs them.
+
+A sum hides an update only among others. Declined and evaluation-only nodes send
+zero-weight vectors (so the masks stay whole), and when a single node sends real
+weight the unmasked "sum" is that node's update. :class:`GuardedSecAggPlusWorkflow`
+therefore counts the real contributors after the masked vectors arrive and,
+below ``federation.secure_aggregation.min_contributors``, ends the round before
+any node is asked for the key shares that would remove the masks.
 """
 
 from __future__ import annotations
 
 from logging import WARNING
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, Context
-from flwr.common import log, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitRes, log, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from client.secure_aggregation import ARRAY_KEYS, CLIPPING_RANGE, MAX_WEIGHT
@@ -42,6 +53,13 @@ _SITE_KEYS = ("site", "reason", "privacy-unit")
 def _split(metrics: dict) -> tuple[str, str, dict]:
     """Legacy metrics carry the site name, reason and privacy unit next to the numbers."""
     return str(metrics["site"]), str(metrics.get("reason", "")), {k: v for k, v in metrics.items() if k not in _SITE_KEYS}
+
+
+def contributes(res: FitRes) -> bool:
+    """A reply whose masked vector carries a real update: non-zero weight, neither declined nor evaluation-only.
+
+    The weight (``num_examples``) and these metrics travel in the clear beside the masked vector."""
+    return res.num_examples > 0 and not res.metrics.get("declined") and not res.metrics.get("evaluation-only")
 
 
 class SecureFedAvg(FedAvg):
@@ -74,7 +92,7 @@ class SecureFedAvg(FedAvg):
     def configure_fit(self, server_round, parameters, client_manager):
         self.rounds.current = self._state_dict(parameters)
         return [(p, ins) for p, ins in super().configure_fit(server_round, parameters, client_manager)
-                if p.node_id not in self.rounds.evaluation_only]
+                if p.node_id not in self.rounds.evaluation_only and self.rounds.registered(p.node_id)]
 
     def aggregate_fit(self, server_round, results, failures):
         server_round += self.rounds.round_offset
@@ -101,11 +119,79 @@ class SecureFedAvg(FedAvg):
         self.latest = arrays
         return ndarrays_to_parameters(arrays.to_numpy_ndarrays()), count_sites(admitted)
 
+    def abort_fit(self, server_round: int, results: list, failures: list, why: str) -> None:
+        """Book a round that :class:`GuardedSecAggPlusWorkflow` ended before unmasking.
+
+        Declined and evaluation-only replies are booked as in any round. A site that trained
+        has spent ε at home (its own ledger counted it before the first step); the server
+        records the figures it reports, adds nothing, and marks the round rejected so that
+        the site is not credited with a round that never reached the model.
+        """
+        server_round += self.rounds.round_offset
+        log(WARNING, "Secure round %d aborted before unmasking: %s", server_round, why)
+        for failure in failures:
+            log(WARNING, "Round %d: a node dropped out or failed: %s", server_round, failure)
+        for proxy, res in results:
+            site, reason, metrics = _split(res.metrics)
+            unit = str(res.metrics["privacy-unit"]) if "privacy-unit" in res.metrics else None
+            if contributes(res):  # its masked update is discarded unopened
+                self.rounds.ledger.record(site, server_round, metrics, f"secure round aborted: {why}", rejected=True, privacy_unit=unit)
+            else:
+                self.rounds.admit(server_round, proxy.node_id, site, metrics, reason, update=None, privacy_unit=unit)
+        self.rounds.history.setdefault("aborted", []).append({"round": server_round, "reason": why})
+        self.rounds.finish_round(server_round, None)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return [(p, ins) for p, ins in super().configure_evaluate(server_round, parameters, client_manager)
+                if self.rounds.registered(p.node_id)]
+
     def aggregate_evaluate(self, server_round, results, failures):
-        for _, res in results:
-            site, _, metrics = _split(res.metrics)
-            self.rounds.record_evaluation(server_round + self.rounds.round_offset, site, metrics)
-        return super().aggregate_evaluate(server_round, results, failures)
+        kept = []
+        for proxy, res in results:
+            claimed, _, metrics = _split(res.metrics)
+            if (site := self.rounds.bound_site(proxy.node_id, claimed)):  # the registered site, never the claimed one
+                self.rounds.record_evaluation(server_round + self.rounds.round_offset, site, metrics)
+                kept.append((proxy, res))
+        return super().aggregate_evaluate(server_round, kept, failures)
+
+
+class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+, unchanged, except that it will not unmask a sum of fewer than
+    ``min_contributors`` real updates.
+
+    The check sits between the masked-vector stage and the unmask stage: by then every
+    reply's weight and ``declined``/``evaluation-only`` flags are in (in the clear), but
+    the server holds only the masked sum, which still carries every node's private mask
+    and is noise without the nodes' key shares. Aborting there means the shares are never
+    requested, so the server never holds the lone update; a check in ``aggregate_fit``
+    would run after unmasking, too late.
+    The strategy (:meth:`SecureFedAvg.abort_fit`) books the aborted round.
+    """
+
+    def __init__(self, *args, min_contributors: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_contributors = min_contributors
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        proceed = super().setup_stage(grid, context, state)
+        # Too few nodes asked to train: stop before any of them trains (and spends ε).
+        if len(state.nid_to_fitins) < self.min_contributors:
+            return self._abort(context, state, f"only {len(state.nid_to_fitins)} training node(s) sampled")
+        return proceed
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        proceed = super().collect_masked_vectors_stage(grid, context, state)
+        real = sum(contributes(res) for _, res in state.legacy_results)
+        if real < self.min_contributors:
+            return self._abort(context, state, f"{real} of {len(state.legacy_results)} replies carry a real update")
+        return proceed
+
+    def _abort(self, context: LegacyContext, state: WorkflowState, why: str) -> bool:
+        why += f", fewer than federation.secure_aggregation.min_contributors={self.min_contributors}; nothing unmasked"
+        state.aggregate_ndarrays = []  # drop the masked sum: it is never unmasked
+        current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        cast(SecureFedAvg, context.strategy).abort_fit(current_round, state.legacy_results, state.failures, why)
+        return False  # Flower's workflow halts this round here; the next round starts from setup
 
 
 def run_secure_rounds(grid: Grid, context: Context, rounds: LedgerFedAvg, initial: ArrayRecord, num_rounds: int, run: RunConfig) -> ArrayRecord:
@@ -114,13 +200,14 @@ def run_secure_rounds(grid: Grid, context: Context, rounds: LedgerFedAvg, initia
     strategy = SecureFedAvg(rounds, initial, run)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds, round_timeout=timeout), strategy=strategy)
     workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+        fit_workflow=GuardedSecAggPlusWorkflow(
             num_shares=1.0,  # every sampled hospital is every other's neighbour: a few sites, not thousands
             reconstruction_threshold=sa.reconstruction_threshold,
             max_weight=sa.max_weight,
             clipping_range=sa.clipping_range,
             quantization_range=sa.quantization_range,
             timeout=timeout,
+            min_contributors=sa.min_contributors,
         )
     )
     workflow(grid, legacy)

@@ -56,3 +56,14 @@ def test_a_node_refuses_to_send_weights_secagg_would_clip_or_garble():
 def test_secagg_needs_at_least_two_sites_per_round(shared_data):
     with pytest.raises(ConfigError, match="min_train_nodes >= 2"):
         load_run(TINY, overrides={"federation": {"min_train_nodes": 1, "secure_aggregation": {"enabled": True}}})
+
+
+def test_secagg_min_contributors_is_at_least_two_and_at_most_the_training_sites(shared_data):
+    def load(n: int):
+        return load_run(TINY, overrides={"federation": {"secure_aggregation": {"enabled": True, "min_contributors": n}}})
+
+    assert load_run(TINY).federation.secure_aggregation.min_contributors == 2
+    with pytest.raises(ConfigError, match=r"federation\.secure_aggregation\.min_contributors: Input should be greater than or equal to 2$"):
+        load(1)
+    with pytest.raises(ConfigError, match=r"min_contributors=3 exceeds the 2 training sites"):
+        load(3)
