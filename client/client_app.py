@@ -9,11 +9,14 @@ computed from them except through the accounted DP-SGD mechanism:
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from common.appconfig import run_from_context
 from common.config import ConfigError, RunConfig, SiteConfig, load_site, site_state_dir
@@ -59,14 +62,53 @@ def not_training_here(run: RunConfig, site: SiteConfig) -> str:
 
 
 def state_dir(site: SiteConfig, config: ConfigRecord, node: dict) -> Path:
-    """Where the site's privacy ledger lives. A deployed node: the folder its operator chose
-    (``fedsynth client --state-dir``, default the site's own state folder), the same for every
-    run, so the ε budget spans all runs. A simulated site: a folder per site inside the run."""
-    if "state-dir" in node:
+    """Where the site's privacy ledger lives. A deployed node: the local folder its operator chose
+    (``fedsynth client --state-dir``, default the site's own ``state_dir``), the same for every
+    run, so the ε budget spans all runs; a deployed node without one refuses, since a folder
+    under the coordinator's run folder would give every new run a fresh budget. A simulated
+    site: a folder per site inside the run."""
+    if "state-dir" in node and str(node["state-dir"]):
         return Path(str(node["state-dir"]))
+    if "site-config" in node:
+        raise LedgerError("this deployed node has no local state-dir; start it with `fedsynth client --state-dir DIR` "
+                          "(or state_dir in its site file) so its privacy budget spans every run")
     if site.state_dir:
         return site_state_dir(site)
     return Path(str(config["run-dir"])) / "clients" / site.name
+
+
+# Why a site's node failed, as it may tell the coordinator: a code, never the exception's text
+# (which can hold a scan's path or a patient's identifier). Details stay in the site's own log.
+REASON_CODES = ((ConfigError, "config_error"), (LedgerError, "ledger_error"), (PrivacyRefusal, "privacy_refusal"),
+                (FileNotFoundError, "data_missing"), (OSError, "io_error"), (ValueError, "invalid_data"))
+site_log = logging.getLogger("fedsynth.site")
+
+
+def reason_code(exc: BaseException) -> str:
+    return next((code for kind, code in REASON_CODES if isinstance(exc, kind)), "internal_error")
+
+
+def private_errors(msg: Message, ctxt: Context, call_next) -> Message:
+    """Outermost mod: any exception becomes a generic reason code for the coordinator, with an
+    incident id that the site's operator finds, with the full traceback, in its local log."""
+    try:
+        return call_next(msg, ctxt)
+    except Exception as exc:  # noqa: BLE001 - nothing a handler raises may reach the coordinator as text
+        incident, code = secrets.token_hex(6), reason_code(exc)
+        folder = str(ctxt.node_config.get("state-dir", "") or "")
+        handler = None
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+            handler = logging.FileHandler(Path(folder) / "site_errors.log")
+            site_log.addHandler(handler)
+        try:
+            site_log.error("incident %s (%s): %s", incident, code, exc, exc_info=exc)
+        finally:
+            if handler is not None:
+                site_log.removeHandler(handler)
+                handler.close()
+        reason = f"site error: {code} (incident {incident}; details in the site's local log)"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _metrics(values: dict[str, float]) -> MetricRecord:
@@ -77,7 +119,7 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
     """``simulation=True`` only from ``fedsynth simulate``: the one place a non-private
     baseline (``training.dp: false``) may train. A deployed node always refuses it.
     The secure-aggregation mods act only in a SecAgg+ run; ``mods`` are extra Flower mods."""
-    app = ClientApp(mods=[*secure_aggregation.MODS, *(mods or [])])
+    app = ClientApp(mods=[private_errors, *secure_aggregation.MODS, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

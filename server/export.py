@@ -16,7 +16,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.evaluation.gate import ReleaseRefused, check, data_card, datasheet_markdown, refusal_message
 from common.runtime import sha256_file, write_json
-from common.security.signing import MANIFEST, load_or_create_signing_key, sign_release
+from common.security.signing import MANIFEST, load_or_create_signing_key, release_files, sign_release
 
 from .synthesis import RELEASE, STAGING, signing_key_path
 
@@ -45,10 +45,11 @@ def export_release(run: RunConfig, run_dir: Path, report: dict, override: str | 
     write_json(staging / "data_card.json", card)
     (staging / "DATASHEET.md").write_text(datasheet_markdown(card), encoding="utf-8")
     manifest["memorisation_gate"] = result
-    manifest["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest["files"] = {name: sha256_file(staging / name) for name in release_files(staging)}
     write_json(staging / MANIFEST, manifest)
+    key = load_or_create_signing_key(signing_key_path(run, run_dir))  # before anything moves: a bad key leaves it staged
     if release.exists():
         shutil.rmtree(release)
     staging.rename(release)
-    sign_release(release, load_or_create_signing_key(signing_key_path(run, run_dir)))
+    sign_release(release, key)
     return result

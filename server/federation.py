@@ -27,12 +27,13 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
     return torch.load(found[-1], map_location="cpu") if found else None
 
 
-def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dict | None:
+def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context, registry: dict[int, str] | None = None) -> dict | None:
     """Run ``training.rounds`` rounds of FedAvg, save the global model, sample the release.
 
     A run folder with checkpoints is resumed from its last round, not started over.
     Returns None when paused by ``federation.stop_after_round``. With
     ``federation.secure_aggregation.enabled`` each round's sum is computed under SecAgg+.
+    ``registry`` (a deployment) binds node ids to sites: see :class:`LedgerFedAvg`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
@@ -59,6 +60,7 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context) -> dic
         run_dir,
         ledger,
         round_offset=done,
+        registry=registry,
         ema_decay=run.federation.ema_decay,
         fraction_train=1.0,
         fraction_evaluate=1.0,

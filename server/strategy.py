@@ -46,10 +46,14 @@ class LedgerFedAvg(FedAvg):
     * every reply's ε is written to the server ledger;
     * the aggregate is checkpointed to ``run_dir/checkpoints`` every round;
     * a node that answers ``evaluation-only`` (an external hospital) is asked
-      only to evaluate from then on.
+      only to evaluate from then on;
+    * in a deployment (``registry`` given) a node's site is the one its public key was
+      registered for: work goes only to registered nodes, and a reply that names another
+      site, or comes from a node nobody registered, is refused and logged.
     """
 
-    def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0, **kwargs):
+    def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0,
+                 registry: dict[int, str] | None = None, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", site_count)
         kwargs.setdefault("evaluate_metrics_aggr_fn", site_count)
         kwargs.setdefault("weighted_by_key", WEIGHT_KEY)
@@ -65,14 +69,31 @@ class LedgerFedAvg(FedAvg):
         if (run_dir / "history.json").exists():
             self.history = {**self.history, **json.loads((run_dir / "history.json").read_text())}
         self.evaluation_only: dict[int, str] = {}  # node id -> site
+        self.registry = registry  # node id -> site, from the coordinator's registration (None: a simulation)
+
+    def registered(self, node_id: int) -> bool:
+        return self.registry is None or node_id in self.registry
+
+    def bound_site(self, node_id: int, claimed: str) -> str | None:
+        """The site a reply counts for: the registered one; None (refused, logged) if it claims another."""
+        if self.registry is None:
+            return claimed  # a simulation: the node is this process's own partition
+        bound = self.registry.get(node_id)
+        if bound is None:
+            log(WARNING, "Refused a reply from node %d: no site is registered for its key", node_id)
+        elif bound != claimed:
+            log(WARNING, "Refused a reply from node %d: its key is registered for %s but it claims to be %s", node_id, bound, claimed)
+            return None
+        return bound
 
     def configure_train(self, server_round, arrays, config, grid):
         self.current = arrays.to_torch_state_dict()  # what every update must match
         msgs = super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        return [m for m in msgs if m.metadata.dst_node_id not in self.evaluation_only]
+        return [m for m in msgs if m.metadata.dst_node_id not in self.evaluation_only and self.registered(m.metadata.dst_node_id)]
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        msgs = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return [m for m in msgs if self.registered(m.metadata.dst_node_id)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
@@ -97,6 +118,8 @@ class LedgerFedAvg(FedAvg):
 
         ``update`` is None under secure aggregation: the server never sees it.
         """
+        if (site := self.bound_site(node_id, site)) is None:
+            return False
         if metrics.get("evaluation-only"):
             log(INFO, "Site %s takes part in evaluation only", site)
             self.evaluation_only[node_id] = site
@@ -128,11 +151,14 @@ class LedgerFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        replies = list(replies)
+        kept = []
         for msg in replies:
-            if not msg.has_error():
-                self.record_evaluation(server_round, str(msg.content["site"]["site"]), dict(msg.content["metrics"]))
-        return super().aggregate_evaluate(server_round, replies)
+            if msg.has_error():
+                kept.append(msg)
+            elif (site := self.bound_site(msg.metadata.src_node_id, str(msg.content["site"]["site"]))):
+                self.record_evaluation(server_round, site, dict(msg.content["metrics"]))
+                kept.append(msg)
+        return super().aggregate_evaluate(server_round, kept)
 
     def update_ema(self, arrays: ArrayRecord) -> None:
         if self.ema_decay:

@@ -5,6 +5,7 @@ The release is *staged* (``run_dir/staging``), unsigned: it becomes a signed rel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from common.config import RunConfig
 from common.models.generators import build_generator
+from common.security.signing import SIGNING_KEY_ENV
 from common.runtime import pick_device, sha256_file, sha256_state_dict, versions, write_json
 
 STAGING, RELEASE = "staging", "synthetic"
@@ -70,9 +72,16 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], out_dir: Path, 
 
 
 def signing_key_path(run: RunConfig, run_dir: Path) -> Path:
-    """``synthesis.signing_key``; a relative path is relative to the folder that holds the run folders."""
-    path = Path(run.synthesis.signing_key).expanduser()
-    return path if path.is_absolute() else run_dir.parent / path
+    """The deployment's release-signing key: ``$FEDSYNTH_SIGNING_KEY``, else ``synthesis.signing_key``
+    (a relative path is relative to the working directory). Refused inside the run folders: they are
+    shared and copied, and a key beside the data would let anyone who holds the data re-sign it."""
+    given = os.environ.get(SIGNING_KEY_ENV) or run.synthesis.signing_key
+    path = Path(given).expanduser().resolve()
+    runs = Path(run_dir).resolve().parent
+    if path.is_relative_to(runs):
+        raise ValueError(f"synthesis.signing_key: {path} lies inside the run folders ({runs}); keep the deployment's "
+                         "signing key outside them (fedsynth certs makes certs/release_signing.pem)")
+    return path
 
 
 def load_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,16 +128,33 @@ def _ingest(args: argparse.Namespace) -> None:
 
 
 def _certs(args: argparse.Namespace) -> None:
-    from common.config import load_site
     from common.security.certs import make_certs
 
-    sites = [load_site(p).name for p in args.sites]
-    done = make_certs(Path(args.out), sites, args.host or ["localhost", "127.0.0.1"], force=args.force)
+    done = make_certs(Path(args.out), args.host or [], force=args.force)
     for what in ("created", "kept"):
         if done[what]:
             print(f"{what}: " + ", ".join(done[what]))
     if done["kept"] and not args.force:
-        print("existing files were kept; --force regenerates them (sites must then re-register their keys)")
+        print("existing files were kept; --force regenerates them (nodes must then trust the new ca.crt)")
+    print(f"publish {Path(args.out) / 'release_signing.pub'}: verifiers check releases against it")
+
+
+def _keygen(args: argparse.Namespace) -> None:
+    from common.config import load_site
+    from common.security.certs import keygen
+
+    from .deploy import node_state
+
+    site = load_site(args.site)
+    out = Path(args.out) if args.out else node_state(Path(args.site), None)
+    priv, pub = keygen(site.name, out, force=args.force)
+    print(f"private key (stays here, mode 0600): {priv}\nsend to the coordinator: {pub}")
+
+
+def _app_hash(args: argparse.Namespace) -> None:
+    from client.node_exec import app_hash
+
+    print(app_hash(Path(args.app)))
 
 
 def _flwr_home(args) -> Path:
@@ -148,54 +165,66 @@ def _server(args: argparse.Namespace) -> None:
     from . import deploy
 
     state = Path(args.state).expanduser()
-    state.mkdir(parents=True, exist_ok=True)
-    cmd = deploy.server_command(Path(args.certs), args.host, args.port, state, args.insecure)
-    deploy.write_connection(_flwr_home(args), f"{args.host}:{args.port}", Path(args.certs), args.insecure)
-    print("starting: " + " ".join(cmd), flush=True)
-    os.execvpe(cmd[0], cmd, deploy._env())
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    internal = args.internal_port or args.port + 1
+    cmds = [deploy.superlink_command(Path(args.certs), internal, state, args.insecure),
+            deploy.gateway_command(Path(args.certs), args.host, args.port, internal, args.insecure)]
+    deploy.write_connection(_flwr_home(args), f"127.0.0.1:{internal}", Path(args.certs), args.insecure)
+    print(f"SuperLink on 127.0.0.1:{internal} (Control, Runtime: this machine only); Fleet API for the hospitals on "
+          f"{args.host}:{args.port}", flush=True)
+    raise SystemExit(deploy.supervise(cmds, _flwr_home(args)))
 
 
 def _client(args: argparse.Namespace) -> None:
     from . import deploy
 
-    state = Path(args.state_dir) if args.state_dir else None
-    cmd = deploy.client_command(Path(args.site), args.superlink, Path(args.certs), args.port, args.insecure, state)
-    print("starting: " + " ".join(cmd), flush=True)
-    os.execvpe(cmd[0], cmd, deploy._env())
+    state = deploy.node_state(Path(args.site), Path(args.state_dir) if args.state_dir else None)
+    deploy.allow_installed_app(state)
+    node, launcher = deploy.node_commands(Path(args.site), args.superlink, Path(args.ca), state, args.port,
+                                          Path(args.key) if args.key else None, args.insecure)
+    print(f"state folder: {state}; apps allowed: {state / 'allowed_apps.txt'}", flush=True)
+    raise SystemExit(deploy.supervise([node, launcher]))
 
 
 def _register(args: argparse.Namespace) -> None:
     from . import deploy
 
-    for cmd in deploy.register_commands(Path(args.certs), [Path(s) for s in args.sites]):
-        res = deploy.run(cmd, _flwr_home(args), timeout=120)
-        print((res.stdout + res.stderr).strip())
-        if res.returncode:
-            raise SystemExit(res.returncode)
+    registry = Path(args.state).expanduser() / deploy.REGISTRY
+    for pair in args.key:
+        site, sep, pub = pair.partition("=")
+        if not sep or not site or not pub:
+            raise ConfigError(f"register --key {pair!r}: expected SITE=PATH_TO_PUBLIC_KEY")
+        node_id = deploy.register_node(site, Path(pub), registry, _flwr_home(args))
+        print(f"registered {site} as node {node_id} in {registry}")
 
 
 def _launch(args: argparse.Namespace) -> None:
+    from common.config import load_run
+
     from . import deploy
 
-    cmd = deploy.launch_command(Path(args.config), Path(args.run_dir), args.profile)
+    registry = Path(args.state).expanduser() / deploy.REGISTRY
+    if not registry.exists():
+        raise ConfigError(f"{registry}: no node registry; register the hospitals' keys first (fedsynth register)")
+    cmd = deploy.launch_command(load_run(args.config, args.profile), Path(args.run_dir), registry)
     raise SystemExit(subprocess.call(cmd, env=deploy._env(_flwr_home(args))))
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from common.security.signing import VerificationError, verify_release
+    from common.security.signing import Unauthenticated, VerificationError, verify_release
 
     release = Path(args.release)
     if (release / "synthetic").is_dir() and not (release / "manifest.json").exists():
         release = release / "synthetic"  # a run folder was given
     try:
         files = verify_release(release, Path(args.public_key) if args.public_key else None)
+    except Unauthenticated as exc:
+        print(f"fedsynth verify: UNAUTHENTICATED: {exc}", file=sys.stderr)
+        raise SystemExit(4) from None
     except VerificationError as exc:
         print(f"fedsynth verify: FAILED: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    if not args.public_key:
-        print("note: checked against the public key shipped in the release; pass --public-key with the "
-              "coordinator's published key to check who signed it")
-    print(f"OK: signature valid; {len(files)} file(s) match: {', '.join(files)}")
+    print(f"OK: signed by the key in {args.public_key}; {len(files)} file(s), every file listed and matching: {', '.join(files)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,47 +305,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32, help="model image size (default 32)")
     p.set_defaults(func=_ingest)
 
-    p = sub.add_parser("certs", help="create the federation's CA, SuperLink TLS certificate and site key pairs")
-    p.add_argument("--out", default="certs", help="output folder (default: certs/)")
-    p.add_argument("--sites", nargs="*", default=[], help="site YAMLs to make SuperNode key pairs for")
-    p.add_argument("--host", action="append", help="SuperLink host name or IP for its certificate (repeatable)")
+    p = sub.add_parser("certs", help="coordinator: the federation's CA, the SuperLink's TLS certificate and the release-signing key")
+    p.add_argument("--out", default="certs", help="output folder (default: certs/, outside runs/)")
+    p.add_argument("--host", action="append", help="the SuperLink's public host name or IP (repeatable); "
+                   "localhost, 127.0.0.1 and ::1 are always included")
     p.add_argument("--force", action="store_true", help="regenerate files that already exist")
     p.set_defaults(func=_certs)
 
-    p = sub.add_parser("server", help="coordinator: start the SuperLink (TLS and SuperNode authentication on)")
+    p = sub.add_parser("keygen", help="hospital: make this node's key pair; only the .pub goes to the coordinator")
+    p.add_argument("--site", required=True, help="this hospital's site YAML")
+    p.add_argument("--out", default=None, help="where (default: the node's state folder, the site's state_dir)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair (the coordinator must re-register it)")
+    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("app-hash", help="hospital: the SHA-256 `flwr run` gives an app, for a node's allowed_apps.txt")
+    p.add_argument("app", nargs="?", default=".", help="app folder (default: this checkout)")
+    p.set_defaults(func=_app_hash)
+
+    p = sub.add_parser("server", help="coordinator: start the SuperLink on loopback and the Fleet gateway the hospitals reach")
     p.add_argument("--certs", default="certs", help="folder made by `fedsynth certs`")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--state", default="~/.fedsynth/superlink", help="where the SuperLink keeps its database")
+    p.add_argument("--host", default="127.0.0.1", help="address the Fleet gateway listens on (e.g. 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="the Fleet gateway's port")
+    p.add_argument("--internal-port", type=int, default=None, help="the SuperLink's loopback port (default: --port + 1)")
+    p.add_argument("--state", default="~/.fedsynth/superlink", help="the SuperLink's database and the node registry")
     p.add_argument("--flwr-home", default=None, help="where the coordinator's Flower connection is written (default $FLWR_HOME or ~/.flwr)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only; warns)")
     p.set_defaults(func=_server)
 
-    p = sub.add_parser("register", help="coordinator: register sites' public keys with the SuperLink")
-    p.add_argument("--certs", default="certs")
-    p.add_argument("--sites", nargs="+", required=True, help="site YAMLs whose keys to register")
+    p = sub.add_parser("register", help="coordinator: register hospitals' public keys and bind each to its site")
+    p.add_argument("--key", action="append", required=True, metavar="SITE=PUB", help="a site name and the .pub its hospital sent (repeatable)")
+    p.add_argument("--state", default="~/.fedsynth/superlink", help="as for `fedsynth server`: the node registry lives there")
     p.add_argument("--flwr-home", default=None)
     p.set_defaults(func=_register)
 
     p = sub.add_parser("launch", help="coordinator: start a federated run on the SuperLink (flwr run)")
-    p.add_argument("config", help="simulation YAML that names the sites and settings")
+    p.add_argument("config", help="simulation YAML that names the sites and settings; its content is shipped, hashed")
     p.add_argument("--run-dir", required=True, help="where the server writes checkpoints, ledger and release")
     p.add_argument("--profile", default="quick")
+    p.add_argument("--state", default="~/.fedsynth/superlink", help="as for `fedsynth server`: the node registry")
     p.add_argument("--flwr-home", default=None)
     p.set_defaults(func=_launch)
 
-    p = sub.add_parser("client", help="hospital: start this site's SuperNode against the SuperLink")
-    p.add_argument("--site", required=True, help="this hospital's site YAML")
-    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
-    p.add_argument("--certs", default="certs", help="folder with ca.crt and sites/<site>.key")
+    p = sub.add_parser("client", help="hospital: start this site's SuperNode (runs only allowlisted apps)")
+    p.add_argument("--site", required=True, help="this hospital's site YAML (local; the coordinator never needs it)")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's Fleet gateway")
+    p.add_argument("--ca", default="certs/ca.crt", help="the federation's CA certificate, from the coordinator")
+    p.add_argument("--key", default=None, help="this node's private key (default: <state-dir>/<site>.key from `fedsynth keygen`)")
     p.add_argument("--port", type=int, default=9094, help="local port for the SuperNode's own API")
-    p.add_argument("--state-dir", help="where this node keeps its privacy ledger (default: the site's state_dir)")
+    p.add_argument("--state-dir", help="local folder for the privacy ledger, key and allowlist (default: the site's state_dir; required)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only; warns)")
     p.set_defaults(func=_client)
 
-    p = sub.add_parser("verify", help="check a synthetic release's signature and every file it lists")
+    p = sub.add_parser("verify", help="check a synthetic release's signature against a trusted key, and every file")
     p.add_argument("release", help="a release folder (runs/<run>/synthetic) or a run folder")
-    p.add_argument("--public-key", default=None, help="the coordinator's Ed25519 public key (PEM)")
+    p.add_argument("--public-key", default=None, help="the deployment's published Ed25519 key (certs/release_signing.pub); "
+                   "without it the result is UNAUTHENTICATED (exit 4)")
     p.set_defaults(func=_verify)
 
     args = parser.parse_args(argv)

@@ -1,17 +1,23 @@
-"""Real deployment: a SuperLink and one SuperNode per hospital, as separate processes.
+"""Real deployment: a SuperLink behind a Fleet-only gateway, and one SuperNode per hospital.
 
-Thin wrappers over Flower's own commands that make the safe choice the default:
-TLS with the federation's CA (``fedsynth certs``) and SuperNode authentication
-are on unless ``insecure=True``, which warns loudly.
+Thin wrappers over Flower's own commands that make the safe choice the default (threat model:
+docs/deployment.md):
 
-* coordinator: ``fedsynth server`` (SuperLink), ``fedsynth register`` (site public keys),
-  ``fedsynth launch`` (a run: ``flwr run`` with the YAML path as run config);
-* hospital: ``fedsynth client --site sites/<site>.yaml --superlink HOST:PORT``;
+* coordinator: ``fedsynth certs`` (CA, TLS, release key), ``fedsynth server`` (the SuperLink on
+  loopback, its Fleet API published by :mod:`server.fleet_gateway`), ``fedsynth register``
+  (binds each hospital's public key to its site in the node registry), ``fedsynth launch``
+  (``flwr run`` with the run's configuration shipped as content, hashed, and the registry);
+* hospital: ``fedsynth keygen`` (its own key pair; only the .pub leaves), ``fedsynth client``
+  (a SuperNode that runs only allowlisted apps, with a local state folder for its ledger);
 * all of it on one machine: :class:`LocalFederation` (``fedsynth deploy-local``, the tests).
+
+TLS with the federation's CA and SuperNode authentication are on unless ``insecure=True``,
+which warns loudly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,13 +26,18 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
-from common.appconfig import REPO_ROOT
-from common.config import RunConfig, load_site, site_state_dir
-from common.security.certs import make_certs
+from client.checks import check_source
+from client.node_exec import ALLOWLIST_FILE, app_hash, read_allowlist
+from common.appconfig import REPO_ROOT, ship_run
+from common.config import ConfigError, RunConfig, load_run, load_site
+from common.runtime import sha256_file
+from common.security.certs import keygen, make_certs
 
 DEFAULT_PORT = 8000
+REGISTRY = "node_registry.json"
 
 
 def _bin(name: str) -> str:
@@ -39,6 +50,7 @@ def _env(flwr_home: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # never pull a CUDA torch at run time
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -50,8 +62,10 @@ def warn_insecure(what: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr)
 
 
-def server_command(certs: Path | None, host: str, port: int, state: Path, insecure: bool = False) -> list[str]:
-    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", str(state / "superlink.db"),
+# ------------------------------------------------------------------ coordinator
+def superlink_command(certs: Path | None, internal_port: int, state: Path, insecure: bool = False) -> list[str]:
+    """The SuperLink, on loopback only: its Control and Runtime APIs never face the network."""
+    cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(internal_port), "--database", str(state / "superlink.db"),
            "--disable-runtime-dependency-installation"]
     if insecure:
         warn_insecure("SuperLink")
@@ -61,26 +75,14 @@ def server_command(certs: Path | None, host: str, port: int, state: Path, insecu
                   "--ssl-keyfile", str(certs / "superlink.key"), "--enable-supernode-auth"]
 
 
-def client_command(site_yaml: Path, superlink: str, certs: Path | None, port: int, insecure: bool = False,
-                   state_dir: Path | None = None) -> list[str]:
-    """A hospital's SuperNode. ``state_dir`` (default: the site's own state folder) keeps its
-    privacy ledger across runs: the ε budget is the site's, not one run's."""
-    site = load_site(site_yaml)  # fails early, naming the file, on a bad site YAML
-    state = Path(state_dir or site_state_dir(site)).expanduser().resolve()
-    node_config = f"site-config='{Path(site.origin).resolve()}' state-dir='{state}'"
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
-    if insecure:
-        warn_insecure(f"SuperNode {site.name}")
-        return cmd + ["--insecure"]
-    certs = Path(certs)
-    key = certs / "sites" / f"{site.name}.key"
-    if not key.exists():
-        raise FileNotFoundError(f"{key}: no key pair for site {site.name}; run `fedsynth certs --sites {site_yaml}`")
-    return cmd + ["--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(key)]
+def gateway_command(certs: Path | None, host: str, port: int, internal_port: int, insecure: bool = False) -> list[str]:
+    """What the hospitals connect to: the Fleet API alone (server.fleet_gateway)."""
+    cmd = [sys.executable, "-m", "server.fleet_gateway", "--listen", f"{host}:{port}", "--upstream", f"127.0.0.1:{internal_port}"]
+    return cmd + (["--insecure"] if insecure else ["--certs", str(Path(certs))])
 
 
 def write_connection(flwr_home: Path, superlink: str, certs: Path | None, insecure: bool = False) -> Path:
-    """The coordinator's Flower connection ``fedsynth`` used by register and launch."""
+    """The coordinator's Flower connection ``fedsynth`` (to the loopback SuperLink) used by register and launch."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", 'default = "fedsynth"', "", "[superlink.fedsynth]", f'address = "{superlink}"']
     lines.append("insecure = true" if insecure else f'root-certificates = "{(Path(certs) / "ca.crt").resolve()}"')
@@ -89,15 +91,98 @@ def write_connection(flwr_home: Path, superlink: str, certs: Path | None, insecu
     return path
 
 
-def register_commands(certs: Path, sites: list[Path]) -> list[list[str]]:
-    return [[_bin("flwr"), "supernode", "register", str(Path(certs) / "sites" / f"{load_site(s).name}.pub"), "fedsynth"] for s in sites]
+def register_node(site: str, public_key: Path, registry: Path, flwr_home: Path | None) -> int:
+    """Register a hospital's public key with the SuperLink and bind its node id to ``site`` in
+    ``registry``: the server counts a node's replies for that site only, whatever the node says."""
+    nodes = _read_registry(registry)
+    if (bound := [n for n, e in nodes.items() if e["site"] == site]):
+        raise ConfigError(f"{registry}: site {site} is already registered as node {bound[0]}; unregister it first "
+                          f"(flwr supernode unregister {bound[0]}) to bind a new key")
+    res = run([_bin("flwr"), "supernode", "register", str(public_key), "fedsynth", "--name", site, "--format", "json"], flwr_home, timeout=120)
+    try:
+        node_id = int(json.loads(res.stdout)["node-id"])
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"registering {site} ({public_key}) failed: {(res.stdout + res.stderr).strip()[-500:]}") from None
+    nodes[str(node_id)] = {"site": site, "public_key_sha256": sha256_file(Path(public_key)),
+                           "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _write_registry(registry, nodes)
+    return node_id
 
 
-def launch_command(config: Path, run_dir: Path, profile: str = "quick", app: Path = REPO_ROOT, **run_config: str) -> list[str]:
-    """``flwr run`` of ``app`` (fedsynth itself unless a test app is given) with the YAML as run config."""
-    values = {"config": Path(config).resolve(), "run-dir": Path(run_dir).resolve(), "profile": profile, **run_config}
+def _read_registry(path: Path) -> dict[str, dict]:
+    if not Path(path).exists():
+        return {}
+    try:
+        return dict(json.loads(Path(path).read_text())["nodes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable node registry ({type(exc).__name__}); restore it from backup") from None
+
+
+def _write_registry(path: Path, nodes: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"nodes": nodes}, indent=2) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def launch_command(run: RunConfig, run_dir: Path, registry: Path, app: Path = REPO_ROOT,
+                   superlink: str = "fedsynth", **run_config: str) -> list[str]:
+    """``flwr run`` of ``app`` (fedsynth unless a test app is given): the run's configuration travels
+    as content with its hash, so hospitals need none of the coordinator's files."""
+    values = {**ship_run(run), "run-dir": Path(run_dir).resolve(), "profile": run.profile,
+              "node-registry": Path(registry).resolve(), **run_config}
     overrides = " ".join(f"{k}='{v}'" for k, v in values.items())
-    return [_bin("flwr"), "run", str(app), "fedsynth", "--run-config", overrides, "--stream"]
+    return [_bin("flwr"), "run", str(app), superlink, "--run-config", overrides, "--stream"]
+
+
+# ------------------------------------------------------------------ hospital
+def node_state(site_yaml: Path, state_dir: Path | None) -> Path:
+    """The node's local state folder (ledger, key, allowlist): required, never under a run folder."""
+    site = load_site(site_yaml)
+    given = state_dir or (site.state_dir and Path(site.origin).parent / site.state_dir)
+    if not given:
+        raise ConfigError(f"{site_yaml}: no state folder for this node; pass --state-dir or set state_dir in the site "
+                          "file (the privacy ledger lives there, across every run)")
+    path = Path(given).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def allow_installed_app(state: Path, apps: list[Path] = (REPO_ROOT,)) -> Path:
+    """The node's allowlist, with the hash of each app in ``apps`` (the fedsynth it installed) added."""
+    path = state / ALLOWLIST_FILE
+    known = read_allowlist(path) if path.exists() else set()
+    lines = [] if path.exists() else ["# Apps this node runs (SHA-256 of the FAB; `fedsynth app-hash DIR` prints one)."]
+    for app in apps:
+        if (h := app_hash(app)) not in known:
+            lines.append(f"{h}  # {Path(app).resolve().name}, added {datetime.now(timezone.utc):%Y-%m-%d}")
+    if lines:
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return path
+
+
+def node_commands(site_yaml: Path, superlink: str, ca_cert: Path | None, state: Path, runtime_port: int,
+                  key: Path | None = None, insecure: bool = False) -> tuple[list[str], list[str]]:
+    """A hospital's SuperNode (process isolation: it runs no app itself) and the launcher that runs
+    only allowlisted apps (client.node_exec). ``state`` keeps its ledger across runs."""
+    site = load_site(site_yaml)  # fails early, naming the file, on a bad site YAML
+    check_source(site)  # and on missing data, before anything connects
+    node_config = f"site-config='{Path(site.origin).resolve()}' state-dir='{state}'"
+    node = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config,
+            "--isolation", "process"]
+    launcher = [sys.executable, "-m", "client.node_exec", "--allowlist", str(state / ALLOWLIST_FILE),
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"]  # the node's own loopback API
+    if insecure:
+        warn_insecure(f"SuperNode {site.name}")
+        return node + ["--insecure"], launcher
+    key = Path(key) if key else state / f"{site.name}.key"
+    if not key.exists():
+        raise ConfigError(f"{key}: no key pair for site {site.name}; run `fedsynth keygen --site {site_yaml}` and send "
+                          "the .pub to the coordinator")
+    return node + ["--root-certificates", str(ca_cert), "--auth-supernode-private-key", str(key)], launcher
 
 
 def start(cmd: list[str], log: Path, flwr_home: Path | None = None) -> subprocess.Popen:
@@ -139,37 +224,52 @@ def stop(p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 class LocalFederation:
-    """One SuperLink (TLS, node authentication) and one SuperNode per site YAML, all on
-    127.0.0.1: ``fedsynth deploy-local`` and the deployment tests. Every process is started in its
-    own process group and stopped by pid group, with the apps Flower spawns."""
+    """The whole deployment on 127.0.0.1: a SuperLink on loopback behind the Fleet gateway (TLS,
+    node authentication), and per site YAML a SuperNode with its allowlisting launcher, its own
+    key pair (``keygen`` in its state folder) and its registry binding: ``fedsynth deploy-local``
+    and the deployment tests. Every process has its own process group and is stopped by it.
+    ``apps``: the apps the nodes allow (fedsynth itself by default)."""
 
-    def __init__(self, tmp: Path, sites: list[Path]):
+    def __init__(self, tmp: Path, sites: list[Path], apps: list[Path] = (REPO_ROOT,)):
         self.tmp, self.sites = tmp, {load_site(s).name: s for s in sites}
         self.certs, self.home = tmp / "certs", tmp / "flwr"
-        make_certs(self.certs, list(self.sites), ["localhost", "127.0.0.1"])
-        self.port = free_port()
-        self.superlink = f"127.0.0.1:{self.port}"
-        write_connection(self.home, self.superlink, self.certs)
-        self.server: subprocess.Popen | None = None
-        self.nodes: dict[str, subprocess.Popen] = {}
+        make_certs(self.certs, release_key=False)  # releases are signed with the deployment's key (synthesis.signing_key)
+        self.apps = list(apps)
+        self.port, self.internal_port = free_port(), free_port()
+        self.superlink = f"127.0.0.1:{self.port}"  # the gateway: what hospitals see
+        self.registry = tmp / REGISTRY
+        write_connection(self.home, f"127.0.0.1:{self.internal_port}", self.certs)
+        self.server: list[subprocess.Popen] = []
+        self.nodes: dict[str, list[subprocess.Popen]] = {}
+
+    def state(self, site: str) -> Path:
+        return node_state(self.sites[site], self.tmp / "state" / site)
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return run(["flwr", *args], self.home, timeout=timeout)
 
     def start_superlink(self) -> None:
-        cmd = server_command(self.certs, "127.0.0.1", self.port, self.tmp)
-        self.server = start(cmd, self.tmp / "superlink.log", self.home)
-        wait_for(lambda: self.flwr("supernode", "list", "fedsynth", timeout=30).returncode == 0, 60, "SuperLink did not come up")
+        self.server = [start(superlink_command(self.certs, self.internal_port, self.tmp), self.tmp / "superlink.log", self.home),
+                       start(gateway_command(self.certs, "127.0.0.1", self.port, self.internal_port), self.tmp / "gateway.log", self.home)]
+        def up() -> bool:
+            if (dead := [p.args[0] for p in self.server if p.poll() is not None]):
+                raise RuntimeError(f"{dead} exited; see {self.tmp / 'superlink.log'} and {self.tmp / 'gateway.log'}")
+            return self.flwr("supernode", "list", "fedsynth", timeout=30).returncode == 0
+
+        wait_for(up, 60, "SuperLink did not come up")
 
     def register(self) -> None:
-        for cmd in register_commands(self.certs, list(self.sites.values())):
-            res = run(cmd, self.home, timeout=60)
-            if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
-                raise RuntimeError(f"registering {cmd[-2]} failed: {res.stdout}{res.stderr}")
+        for site in self.sites:
+            _, pub = keygen(site, self.state(site))  # each hospital makes its own; only the .pub comes here
+            if site not in {e["site"] for e in _read_registry(self.registry).values()}:
+                register_node(site, pub, self.registry, self.home)
 
     def start_node(self, site: str) -> None:
-        cmd = client_command(self.sites[site], self.superlink, self.certs, free_port(), state_dir=self.tmp / "state" / site)
-        self.nodes[site] = start(cmd, self.tmp / f"node-{site}.log", self.home)
+        state = self.state(site)
+        allow_installed_app(state, self.apps)
+        node, launcher = node_commands(self.sites[site], self.superlink, self.certs / "ca.crt", state, free_port())
+        log = self.tmp / f"node-{site}.log"
+        self.nodes[site] = [start(node, log, self.home), start(launcher, log, self.home)]
 
     def online(self) -> int:
         return self.flwr("supernode", "list", "fedsynth", timeout=30).stdout.count("online")
@@ -186,23 +286,43 @@ class LocalFederation:
         return self
 
     def kill(self, site: str) -> None:
-        """A crash: SIGKILL the node and the ClientApp it spawned, no goodbye to the SuperLink."""
-        stop(self.nodes.pop(site), signal.SIGKILL)
+        """A crash: SIGKILL the node, its launcher and the ClientApp it spawned, no goodbye to the SuperLink."""
+        for p in self.nodes.pop(site):
+            stop(p, signal.SIGKILL)
 
     def kill_superlink(self) -> None:
-        stop(self.server, signal.SIGKILL)
-        self.server = None
+        for p in self.server:
+            stop(p, signal.SIGKILL)
+        self.server = []
 
-    def launch(self, config: Path, run_dir: Path, log: str = "launch.log", **run_config) -> subprocess.Popen:
-        return start(launch_command(config, run_dir, **run_config), self.tmp / log, self.home)
+    def launch(self, config: Path, run_dir: Path, log: str = "launch.log", profile: str = "quick", app: Path = REPO_ROOT,
+               **run_config) -> subprocess.Popen:
+        cmd = launch_command(load_run(config, profile), run_dir, self.registry, app=app, **run_config)
+        return start(cmd, self.tmp / log, self.home)
 
     def node_log(self, site: str) -> str:
         return (self.tmp / f"node-{site}.log").read_text(errors="replace")
 
     def down(self) -> None:
-        for p in [*self.nodes.values(), *([self.server] if self.server else [])]:
+        for p in [*(p for procs in self.nodes.values() for p in procs), *self.server]:
             stop(p)
-        self.nodes, self.server = {}, None
+        self.nodes, self.server = {}, []
+
+
+def supervise(cmds: list[list[str]], flwr_home: Path | None = None) -> int:
+    """Run processes that belong together (SuperLink + gateway, SuperNode + launcher) in the
+    foreground: when one exits, or on Ctrl-C / SIGTERM, all are stopped. Returns the first exit code."""
+    procs = [subprocess.Popen(c, env=_env(flwr_home), start_new_session=True) for c in cmds]
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        return next(p.returncode for p in procs if p.returncode is not None)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for p in procs:
+            stop(p)
 
 
 def follow(proc: subprocess.Popen, log: Path) -> int:
@@ -229,7 +349,7 @@ def run_local_deployment(run: RunConfig, run_dir: Path) -> None:
     fed = LocalFederation(Path(run_dir) / "deployment", [Path(s.origin) for s in run.sites])
     try:
         fed.up()
-        proc = fed.launch(Path(run.origin), run_dir, profile=run.profile)
+        proc = start(launch_command(run, run_dir, fed.registry), fed.tmp / "launch.log", fed.home)
         if (rc := follow(proc, fed.tmp / "launch.log")) != 0:
             raise RuntimeError(f"flwr run exited with {rc}; logs in {fed.tmp}")
     finally:

@@ -97,7 +97,13 @@ def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, P
 
     ``federate`` runs the federation: Flower's simulation engine by default, or real
     processes (:func:`simulations.deploy.run_local_deployment`)."""
+    from client.checks import preflight
+    from server.synthesis import signing_key_path
+
     start = time.time()
+    # Fail in the first seconds, not after the federation: every site's data, and where the release key lives.
+    preflight(run)
+    signing_key_path(run, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run.to_dict())
     how = "simulate" if federate is run_federation else "deploy-local"

@@ -34,3 +34,40 @@ def demo_run(shared_data):
     from common.config import load_run
 
     return load_run(DEMO)
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a running Flower process need a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory):
+    """Tests sign releases with a key of their own, never the checkout's certs/release_signing.pem."""
+    path = tmp_path_factory.mktemp("signing") / "release_signing.pem"
+    os.environ["FEDSYNTH_SIGNING_KEY"] = str(path)
+    return path
+
+
+DEPLOY_SITES = [REPO / "sites" / f"{s}.yaml" for s in ("hospital_a", "hospital_b", "hospital_c", "external_d")]
+FAULT_APP = REPO / "tests" / "fault-app"  # fedsynth with one node's update replaced by NaN
+
+
+@pytest.fixture(scope="session")
+def federation(shared_data, tmp_path_factory):
+    """One real deployment on 127.0.0.1 for every process-level test (tests/test_deployment.py,
+    tests/security/): the demo's four hospitals as SuperNodes behind the gateway and SuperLink.
+    Its nodes allow fedsynth and the fault app, nothing else."""
+    from simulations import deploy
+
+    fed = deploy.LocalFederation(tmp_path_factory.mktemp("deploy"), DEPLOY_SITES, apps=[REPO, FAULT_APP])
+    try:
+        yield fed.up()
+    finally:
+        fed.down()

@@ -7,33 +7,23 @@ import json
 import pytest
 import torch
 
-from common.security.certs import make_certs
+from common.security.certs import keygen
 from common.security.signing import VerificationError, verify_release
 from simulations import deploy
 from simulations.deploy import free_port, stop, wait_for
 
-from .conftest import REPO
+from .conftest import DEPLOY_SITES as SITES
+from .conftest import FAULT_APP, REPO
 
-SITES = [REPO / "sites" / f"{s}.yaml" for s in ("hospital_a", "hospital_b", "hospital_c", "external_d")]
 TRAINING = {"hospital_a": 8.0, "hospital_b": 8.0, "hospital_c": 5.0}  # ε budgets in the site YAMLs
 CONFIG = REPO / "tests" / "configs" / "deploy.yaml"  # 2 rounds, at least 2 sites per round
-FAULT_APP = REPO / "tests" / "fault-app"  # fedsynth with one node's update replaced by NaN
 
 
 def assert_staged_unsigned(run_dir):
     """The ServerApp stages the release; only the memorisation gate (fedsynth export) signs it."""
     assert (run_dir / "staging" / "synthetic.npz").exists() and not (run_dir / "synthetic").exists()
     with pytest.raises(VerificationError, match="manifest.sig: missing"):
-        verify_release(run_dir / "staging")
-
-
-@pytest.fixture(scope="module")
-def federation(shared_data, tmp_path_factory):
-    fed = deploy.LocalFederation(tmp_path_factory.mktemp("deploy"), SITES)
-    try:
-        yield fed.up()
-    finally:
-        fed.down()
+        verify_release(run_dir / "staging", None)
 
 
 @pytest.fixture
@@ -132,17 +122,16 @@ def test_secure_aggregation_across_processes(fresh_budgets):
 
 
 def test_unregistered_node_is_refused(federation, tmp_path):
-    make_certs(tmp_path / "rogue", ["hospital_a"], ["localhost"])  # a key pair the coordinator never registered
-    cmd = deploy.client_command(SITES[0], federation.superlink, tmp_path / "rogue", free_port(), state_dir=tmp_path)
-    cmd[cmd.index("--root-certificates") + 1] = str(federation.certs / "ca.crt")  # it even trusts the right CA
-    rc, log = run_until_exit(federation, cmd + ["--max-retries", "1"], tmp_path / "rogue.log")
+    keygen("hospital_a", tmp_path)  # a key pair the coordinator never registered
+    node, _ = deploy.node_commands(SITES[0], federation.superlink, federation.certs / "ca.crt", tmp_path, free_port())
+    rc, log = run_until_exit(federation, node + ["--max-retries", "1"], tmp_path / "rogue.log")
     assert rc != 0 and "Failed to activate SuperNode" in log
 
 
 def test_node_without_tls_cannot_connect(federation, tmp_path):
     with pytest.warns(UserWarning, match="INSECURE"):
-        cmd = deploy.client_command(SITES[0], federation.superlink, None, free_port(), insecure=True, state_dir=tmp_path)
-    rc, log = run_until_exit(federation, cmd + ["--max-retries", "1"], tmp_path / "insecure.log")
+        node, _ = deploy.node_commands(SITES[0], federation.superlink, None, tmp_path, free_port(), insecure=True)
+    rc, log = run_until_exit(federation, node + ["--max-retries", "1"], tmp_path / "insecure.log")
     assert rc != 0 and "Failed to initialize the connection" in log
 
 

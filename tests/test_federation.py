@@ -4,7 +4,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.checks import CheckFailed, check_weights
 from client.client_app import make_client_app
@@ -14,12 +13,8 @@ from server.strategy import LedgerFedAvg
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a running Flower process need a task identity."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+def _messages_need_a_task(task_identity):
     yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def reply(site: str, weights: dict, declined: bool = False, eps: float = 1.0) -> Message:

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -155,14 +154,6 @@ def test_dp_gan_fake_rows_never_read_the_private_labels(tiny_run):
 
 
 # ----------------------------------------------------------------- item 5
-@pytest.fixture
-def task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _message(run, run_dir, kind: str) -> Message:
     content = RecordDict({"arrays": ArrayRecord(build_generator(run.model).state_dict()),
                           "config": ConfigRecord({"server-round": 1, "run-dir": str(run_dir)})})

@@ -167,7 +167,7 @@ def _report(s, run_dir):
     return {"headline": {"fup": s["fup"]["fup"]}, "fup": s["fup"], "privacy": {"release": release, "sites": {}, "epsilon_max": EPS}}
 
 
-def test_the_gate_refuses_copies_names_the_test_and_records_an_override_in_the_signed_manifest(demo, scored, tmp_path):
+def test_the_gate_refuses_copies_names_the_test_and_records_an_override_in_the_signed_manifest(demo, scored, tmp_path, signing_key):
     from server.export import export_release
 
     run, scorer, fresh, out = demo
@@ -182,7 +182,7 @@ def test_the_gate_refuses_copies_names_the_test_and_records_an_override_in_the_s
     assert json.loads((copies / "gate.json").read_text())["failed"] == ["dcr", "exact_duplicates", "near_duplicates", "reidentification"]
     # The operator overrides, with a reason: signed, and the manifest and data card say so.
     export_release(run, copies, copies_report, override="teaching set, consented patients")
-    files = verify_release(copies / "synthetic")
+    files = verify_release(copies / "synthetic", signing_key.with_suffix(".pub"))
     assert set(files) == {"synthetic.npz", "data_card.json", "DATASHEET.md"}
     manifest = json.loads((copies / "synthetic" / "manifest.json").read_text())
     assert manifest["memorisation_gate"]["override"]["reason"] == "teaching set, consented patients"

@@ -24,40 +24,44 @@ def release(tmp_path):
     return d, key
 
 
-def test_untouched_release_verifies_and_key_is_private(release, tmp_path):
+@pytest.fixture
+def trusted(tmp_path):
+    return tmp_path / "keys" / "signing.pub"  # published beside the key when it was made
+
+
+def test_untouched_release_verifies_and_key_is_private(release, tmp_path, trusted):
     d, _ = release
-    assert verify_release(d) == ["synthetic.npz"]
+    assert verify_release(d, trusted) == ["synthetic.npz"]
     assert stat.S_IMODE(os.stat(tmp_path / "keys" / "signing.pem").st_mode) == 0o600
-    assert cli(["verify", str(d)]) == 0
+    assert cli(["verify", str(d), "--public-key", str(trusted)]) == 0
 
 
-def test_changed_file_fails(release):
+def test_changed_file_fails(release, trusted):
     d, _ = release
     with open(d / "synthetic.npz", "ab") as f:
         f.write(b"x")
     with pytest.raises(VerificationError, match="synthetic.npz: SHA-256 differs"):
-        verify_release(d)
+        verify_release(d, trusted)
     with pytest.raises(SystemExit):
-        cli(["verify", str(d)])
+        cli(["verify", str(d), "--public-key", str(trusted)])
 
 
-def test_changed_manifest_fails(release):
+def test_changed_manifest_fails(release, trusted):
     d, _ = release
     m = json.loads((d / "manifest.json").read_text())
     m["num_images"] = 4
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(VerificationError, match="signature does not match"):
-        verify_release(d)
+        verify_release(d, trusted)
 
 
 def test_resigned_by_another_key_fails_against_the_published_key(release, tmp_path):
     d, key = release
     published = tmp_path / "coordinator.pub"
     published.write_bytes(public_pem(key))
-    sign_release(d, Ed25519PrivateKey.generate())  # an attacker re-signs (and swaps the shipped .pub)
-    assert verify_release(d)  # consistent with itself...
+    sign_release(d, Ed25519PrivateKey.generate())  # an attacker re-signs
     with pytest.raises(VerificationError, match="signature does not match"):
-        verify_release(d, published)  # ...but not signed by the coordinator
+        verify_release(d, published)  # not signed by the coordinator
 
 
 def test_certs_chain_to_the_ca_are_idempotent_and_need_force_to_change(tmp_path):
@@ -65,24 +69,23 @@ def test_certs_chain_to_the_ca_are_idempotent_and_need_force_to_change(tmp_path)
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from common.security.certs import make_certs
+    from common.security.certs import keygen, make_certs
 
     out = tmp_path / "certs"
-    first = make_certs(out, ["hospital_a", "hospital_b"], ["localhost", "127.0.0.1"])
+    first = make_certs(out, ["superlink.example.org"])
     assert "ca.key" in first["created"] and not first["kept"]
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
     ca.public_key().verify(server.signature, server.tbs_certificate_bytes, ec.ECDSA(server.signature_hash_algorithm))
-    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "localhost" in sans.get_values_for_type(x509.DNSName)
-    for key in ("ca.key", "superlink.key", "sites/hospital_a.key", "release_signing.pem"):
+    for key in ("ca.key", "superlink.key", "release_signing.pem"):
         assert stat.S_IMODE(os.stat(out / key).st_mode) == 0o600, key
-    serialization.load_ssh_public_key((out / "sites" / "hospital_a.pub").read_bytes())
-    assert len((out / "sites" / "public_keys.csv").read_text().strip().split(",")) == 2
+    priv, pub = keygen("hospital_a", tmp_path / "hospital_a")
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
+    serialization.load_ssh_public_key(pub.read_bytes())
 
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    again = make_certs(out, ["hospital_a", "hospital_b"], ["localhost"])
+    again = make_certs(out, ["superlink.example.org"])
     assert again["created"] == []
     assert all(p.read_bytes() == b for p, b in before.items())
-    make_certs(out, ["hospital_a", "hospital_b"], ["localhost"], force=True)
+    make_certs(out, ["superlink.example.org"], force=True)
     assert (out / "ca.key").read_bytes() != before[out / "ca.key"]

@@ -84,11 +84,11 @@ def test_release_has_manifest_config_versions_and_html(finished_run):
         assert {"mix", "pretrain_finetune", "mix_gain_internal", "pretrain_finetune_gain_external"} <= set(s)
 
 
-def test_release_is_signed_and_verifies(finished_run):
+def test_release_is_signed_and_verifies(finished_run, signing_key):
     from common.security.signing import verify_release
 
     run_dir, _ = finished_run
-    assert verify_release(run_dir / "synthetic") == ["DATASHEET.md", "data_card.json", "synthetic.npz"]
+    assert verify_release(run_dir / "synthetic", signing_key.with_suffix(".pub")) == ["DATASHEET.md", "data_card.json", "synthetic.npz"]
     manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
     assert manifest["memorisation_gate"]["passed"] and "override" not in manifest["memorisation_gate"]
     card = json.loads((run_dir / "synthetic" / "data_card.json").read_text())

@@ -1,15 +1,18 @@
-"""``fedsynth certs``: a private CA, the SuperLink's TLS certificate and each site's key pair.
+"""``fedsynth certs`` (coordinator) and ``fedsynth keygen`` (each hospital).
 
-Layout under the output folder::
+``certs`` makes, under its output folder::
 
     ca.crt, ca.key                      the federation's certificate authority (keep ca.key offline)
-    superlink.crt, superlink.key        TLS for the SuperLink (SAN: the given hosts)
-    sites/<site>.key, sites/<site>.pub  a site's SuperNode authentication key pair (OpenSSH, ECDSA P-384)
-    sites/public_keys.csv               the registered sites' public keys, for the SuperLink
-    release_signing.pem / .pub          the coordinator's Ed25519 release-signing key
+    superlink.crt, superlink.key        TLS for the SuperLink (SAN: localhost, 127.0.0.1, ::1 and the given hosts)
+    release_signing.pem / .pub          the deployment's one Ed25519 release-signing key (publish the .pub)
 
-Files that exist are kept (the command is idempotent); ``force=True`` regenerates them.
-Private keys are written with mode 0600.
+``keygen`` makes a hospital's SuperNode authentication key pair (OpenSSH, ECDSA P-384) in the
+hospital's own state folder; only the ``.pub`` goes to the coordinator, who never holds a
+hospital's private key.
+
+Files that exist are kept (the commands are idempotent); ``force=True`` regenerates them. A CA
+that is missing while certificates it signed remain is refused without ``force``: silently
+making a new CA would orphan them. Private keys are written with mode 0600.
 """
 
 from __future__ import annotations
@@ -77,10 +80,27 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def make_certs(out: Path, sites: list[str], hosts: list[str], force: bool = False) -> dict[str, list[str]]:
-    """Create what is missing (everything with ``force``); returns {'created': [...], 'kept': [...]}."""
+# The SuperLink's own SuperExec and `flwr run` on the coordinator's machine connect over loopback.
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+
+
+class CertsError(ValueError):
+    """``fedsynth certs`` would destroy keys or certificates without ``--force``."""
+
+
+def make_certs(out: Path, hosts: list[str] = (), force: bool = False, release_key: bool = True) -> dict[str, list[str]]:
+    """Create what is missing (everything with ``force``); returns {'created': [...], 'kept': [...]}.
+    ``release_key=False``: TLS only (a throwaway local federation signs with the deployment's key)."""
     out = Path(out)
     done: dict[str, list[str]] = {"created": [], "kept": []}
+    hosts = list(dict.fromkeys([*LOOPBACK_HOSTS, *hosts]))
+    explicit = force
+    ca_crt, ca_key = out / "ca.crt", out / "ca.key"
+    signed = [p for p in (out / "superlink.crt", out / "superlink.key") if p.exists()]
+    if not force and not (ca_crt.exists() and ca_key.exists()) and signed:
+        missing = ", ".join(p.name for p in (ca_crt, ca_key) if not p.exists())
+        raise CertsError(f"{out}: {missing} missing but {', '.join(p.name for p in signed)} exist; restore the CA from "
+                         "backup, or rerun with --force to regenerate everything (every node must then reconnect)")
 
     def need(*paths: Path) -> bool:
         if not force and all(p.exists() for p in paths):
@@ -89,7 +109,6 @@ def make_certs(out: Path, sites: list[str], hosts: list[str], force: bool = Fals
         done["created"] += [str(p.relative_to(out)) for p in paths]
         return True
 
-    ca_crt, ca_key = out / "ca.crt", out / "ca.key"
     if need(ca_crt, ca_key):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _cert("fedsynth CA", key, None, None, ca=True)
@@ -105,20 +124,22 @@ def make_certs(out: Path, sites: list[str], hosts: list[str], force: bool = Fals
         _write(key_path, _pem_key(key), private=True)
         _write(crt, _cert("fedsynth SuperLink", key, ca_cert, ca_private, ca=False, hosts=hosts).public_bytes(serialization.Encoding.PEM), private=False)
 
-    rows = []
-    for site in sites:
-        priv, pub = out / "sites" / f"{site}.key", out / "sites" / f"{site}.pub"
-        if need(priv, pub):
-            key = ec.generate_private_key(ec.SECP384R1())
-            _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
-            _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", private=False)
-        rows.append(pub.read_text().strip())
-    _write(out / "sites" / "public_keys.csv", (",".join(rows) + "\n").encode(), private=False)
-
-    sign_key = out / "release_signing.pem"
-    if need(sign_key):
-        if sign_key.exists():
-            sign_key.unlink()
+    if not release_key:
+        return done
+    sign_key = out / "release_signing.pem"  # it signs releases, not certificates: a new CA leaves it be
+    force = explicit
+    if need(sign_key) and sign_key.exists():
+        sign_key.unlink()
     key = load_or_create_signing_key(sign_key)
     _write(out / "release_signing.pub", public_pem(key), private=False)
     return done
+
+
+def keygen(site: str, out: Path, force: bool = False) -> tuple[Path, Path]:
+    """A hospital's SuperNode key pair ``out/<site>.key`` (0600) and ``.pub``; kept if it exists."""
+    priv, pub = Path(out) / f"{site}.key", Path(out) / f"{site}.pub"
+    if force or not (priv.exists() and pub.exists()):
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
+        _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", private=False)
+    return priv, pub

@@ -1,0 +1,91 @@
+"""A hospital node runs only the apps its operator allowed: Flower's SuperExec with an allowlist.
+
+A SuperNode executes whatever app (FAB) the SuperLink sends it: whoever can start a run can run
+code next to the hospital's images. Flower's own FAB verification (``--trusted-entities``) needs
+signatures from the Flower platform, which a private deployment does not have. So the node runs
+with ``--isolation process`` and this launcher takes the place of ``flower-superexec``: it is
+Flower's SuperExec unchanged, except that a task whose app hash (SHA-256 of the FAB, which the
+SuperNode checks against the FAB's content when it stores it) is not on the node's local
+allowlist is refused with a one-line message in the node's log and never started.
+
+The allowlist: the FAB of the fedsynth checkout the hospital installed (``app_hash``), plus any
+hashes its operator adds (one per line in ``allowed_apps.txt`` in the node's state folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from logging import ERROR, INFO
+from pathlib import Path
+
+ALLOWLIST_FILE = "allowed_apps.txt"
+
+
+def app_hash(app_dir: Path) -> str:
+    """The SHA-256 that ``flwr run <app_dir>`` gives this app's FAB (the same deterministic build)."""
+    import warnings
+
+    from flwr.cli.build import build_fab_from_disk
+
+    with warnings.catch_warnings():  # pathspec's deprecation notes, once per ignore pattern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
+def read_allowlist(path: Path) -> set[str]:
+    """Hashes, one per line; '#' starts a comment. A line that is not a SHA-256 is a one-line error."""
+    allowed = set()
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        value = line.split("#", 1)[0].strip().lower()
+        if not value:
+            continue
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError(f"{path}:{n}: not a SHA-256 app hash: {value[:20]!r}")
+        allowed.add(value)
+    return allowed
+
+
+def allowlisting_plugin(allowed: set[str]):
+    """Flower's SuperExec plugin, refusing tasks whose app is not in ``allowed``."""
+    from flwr.supercore import log
+    from flwr.supercore.superexec.executor.types import LaunchResult
+    from flwr.supercore.superexec.plugin import AutoExecPlugin
+
+    class AllowlistExecPlugin(AutoExecPlugin):
+        def launch_task(self, token, task):
+            fab_hash = str(getattr(task, "fab_hash", "") or "")
+            if fab_hash not in allowed:
+                msg = (f"REFUSED app {fab_hash[:16] or '(none)'}...: not on this node's allowlist; the node runs only the "
+                       f"fedsynth app its operator installed or listed in {ALLOWLIST_FILE}")
+                log(ERROR, msg)
+                return LaunchResult.failed(msg)
+            log(INFO, "App %s... is on the allowlist; starting it", fab_hash[:16])
+            return super().launch_task(token, task)
+
+    return AllowlistExecPlugin
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m client.node_exec --allowlist FILE <flower-superexec arguments>``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--allowlist" not in args:
+        raise SystemExit("client.node_exec: --allowlist FILE is required")
+    i = args.index("--allowlist")
+    path = Path(args[i + 1])
+    allowed = read_allowlist(path)
+    del args[i:i + 2]
+    if not allowed:
+        raise SystemExit(f"client.node_exec: {path} lists no app; this node would run nothing")
+
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.superexec import run_superexec
+
+    # flwr==1.41 (pinned): run_superexec builds its plugin from this module-level name.
+    run_superexec.AutoExecPlugin = allowlisting_plugin(allowed)
+    sys.argv = ["flower-superexec", *args]
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()
