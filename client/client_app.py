@@ -10,6 +10,7 @@ computed from them except through the accounted DP-SGD mechanism:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -95,14 +96,17 @@ def private_errors(msg: Message, ctxt: Context, call_next) -> Message:
         return call_next(msg, ctxt)
     except Exception as exc:  # noqa: BLE001 - nothing a handler raises may reach the coordinator as text
         incident, code = secrets.token_hex(6), reason_code(exc)
-        folder = str(ctxt.node_config.get("state-dir", "") or "")
         handler = None
-        if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
-            handler = logging.FileHandler(Path(folder) / "site_errors.log")
-            site_log.addHandler(handler)
-        try:
+        try:  # the details, which may name a scan or a patient, stay here, owner-only
+            if (folder := str(ctxt.node_config.get("state-dir", "") or "")):
+                path = Path(folder) / "site_errors.log"
+                Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+                handler = logging.FileHandler(path)
+                site_log.addHandler(handler)
             site_log.error("incident %s (%s): %s", incident, code, exc, exc_info=exc)
+        except Exception:  # noqa: BLE001 - a full disk must not turn into a message with the path in it
+            code = f"{code}+log_failed"
         finally:
             if handler is not None:
                 site_log.removeHandler(handler)
@@ -129,9 +133,11 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
             info = ConfigRecord({"site": site.name, "reason": reason})
             return Message(RecordDict({"metrics": _metrics({"evaluation_only": 1}), "site": info}), reply_to=msg)
         config = msg.content["config"]
+        where = state_dir(site, config, context.node_config)
+        if (shipped := str(context.run_config.get("config-sha256", "") or "")):  # what this node trained under
+            append_local_log(where, {"round": int(config["server-round"]), "kind": "config", "config_sha256": shipped})
         data = load_site_data(run, site)
         check_site_data(data)
-        where = state_dir(site, config, context.node_config)
         # The unit of privacy follows from the site's source: patients where ingestion knows them.
         info = ConfigRecord({"site": site.name, "reason": "", "privacy-unit": data.privacy_unit})
         try:

@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("client.node_exec: --allowlist FILE is required")
     i = args.index("--allowlist")
     path = Path(args[i + 1])
-    allowed = read_allowlist(path)
+    try:
+        allowed = read_allowlist(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"client.node_exec: {exc}") from None
     del args[i:i + 2]
     if not allowed:
         raise SystemExit(f"client.node_exec: {path} lists no app; this node would run nothing")
@@ -81,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.superexec import run_superexec
 
-    # flwr==1.41 (pinned): run_superexec builds its plugin from this module-level name.
+    # flwr==1.41 (pinned): run_superexec builds its plugin from this module-level name. If a Flower
+    # upgrade moved it, refuse to start rather than run every app unchecked.
+    if not hasattr(run_superexec, "AutoExecPlugin"):
+        raise SystemExit("client.node_exec: this Flower version has no run_superexec.AutoExecPlugin; the allowlist "
+                         "cannot be enforced, so this node will not run apps (pin flwr as pyproject.toml does)")
     run_superexec.AutoExecPlugin = allowlisting_plugin(allowed)
     sys.argv = ["flower-superexec", *args]
     flower_superexec()

@@ -30,9 +30,14 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 FLEET_PREFIX = "/v1/fleet/"
-# Hop-by-hop headers (RFC 9110 section 7.6.1) and those httpx/uvicorn set themselves.
+# Hop-by-hop headers (RFC 9110 section 7.6.1), those httpx/uvicorn set themselves, and proxy
+# headers: the SuperLink trusts them from 127.0.0.1, which is where the gateway connects from.
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade", "content-length", "host"}
+        "transfer-encoding", "upgrade", "content-length", "host", "forwarded", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip"}
+# Requests are read whole before the SuperLink authenticates them: cap their size (a model's
+# weights are a few MB to a few hundred) and the number served at once.
+MAX_BODY_MB, MAX_CONCURRENT = 1024, 256
 
 
 def fleet_path(raw_path: str) -> bool:
@@ -43,7 +48,7 @@ def fleet_path(raw_path: str) -> bool:
     return raw_path.startswith(FLEET_PREFIX) and posixpath.normpath(raw_path) == raw_path.rstrip("/")
 
 
-def make_gateway(upstream: str, ca_cert: Path | None) -> Starlette:
+def make_gateway(upstream: str, ca_cert: Path | None, max_body_mb: int = MAX_BODY_MB) -> Starlette:
     """An ASGI app forwarding Fleet API requests to the SuperLink at ``upstream`` (host:port)."""
     scheme = "http" if ca_cert is None else "https"
     client = httpx.AsyncClient(base_url=f"{scheme}://{upstream}", verify=str(ca_cert) if ca_cert else False,
@@ -53,9 +58,17 @@ def make_gateway(upstream: str, ca_cert: Path | None) -> Starlette:
         raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1").split("?", 1)[0]
         if not fleet_path(raw):
             return PlainTextResponse("403 Forbidden: this address serves the Fleet API only\n", status_code=403)
+        limit = max_body_mb * 2**20
+        if int(request.headers.get("content-length", "0") or 0) > limit:
+            return PlainTextResponse("413 Request too large\n", status_code=413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return PlainTextResponse("413 Request too large\n", status_code=413)
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _HOP]
         reply = await client.request(request.method, raw + (f"?{request.url.query}" if request.url.query else ""),
-                                     headers=headers, content=await request.body())
+                                     headers=headers, content=bytes(body))
         out = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP | {"content-encoding"}}
         return Response(reply.content, status_code=reply.status_code, headers=out)
 
@@ -73,7 +86,8 @@ def serve(listen: str, upstream: str, certs: Path | None) -> None:
     host, _, port = listen.rpartition(":")
     tls = {} if certs is None else {"ssl_certfile": str(Path(certs) / "superlink.crt"), "ssl_keyfile": str(Path(certs) / "superlink.key")}
     app = make_gateway(upstream, None if certs is None else Path(certs) / "ca.crt")
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning", access_log=False, **tls)
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning", access_log=False,
+                limit_concurrency=MAX_CONCURRENT, proxy_headers=False, **tls)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,6 +135,8 @@ class SecureFedAvg(FedAvg):
             site, reason, metrics = _split(res.metrics)
             unit = str(res.metrics["privacy-unit"]) if "privacy-unit" in res.metrics else None
             if contributes(res):  # its masked update is discarded unopened
+                if (site := self.rounds.bound_site(proxy.node_id, site)) is None:
+                    continue  # booked only under the site its key is registered for
                 self.rounds.ledger.record(site, server_round, metrics, f"secure round aborted: {why}", rejected=True, privacy_unit=unit)
             else:
                 self.rounds.admit(server_round, proxy.node_id, site, metrics, reason, update=None, privacy_unit=unit)

@@ -103,10 +103,18 @@ class LedgerFedAvg(FedAvg):
                 accepted.append(msg)  # FedAvg logs and drops it
                 continue
             content = msg.content
+            try:  # a reply without the expected records is refused, never a crash of the ServerApp
+                site, reason = str(content["site"]["site"]), str(content["site"]["reason"])
+                unit = str(content["site"]["privacy-unit"]) if "privacy-unit" in content["site"] else None
+                metrics = dict(content["metrics"])
+            except (KeyError, TypeError) as exc:
+                log(WARNING, "Refused a malformed reply from node %d (%s missing)", msg.metadata.src_node_id, exc)
+                continue
+            if not self.registered(msg.metadata.src_node_id):
+                self.bound_site(msg.metadata.src_node_id, site)  # logs the refusal
+                continue
             update = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
-            site, reason = str(content["site"]["site"]), str(content["site"]["reason"])
-            unit = str(content["site"]["privacy-unit"]) if "privacy-unit" in content["site"] else None
-            if self.admit(server_round, msg.metadata.src_node_id, site, dict(content["metrics"]), reason, update, unit):
+            if self.admit(server_round, msg.metadata.src_node_id, site, metrics, reason, update, unit):
                 accepted.append(msg)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         self.finish_round(server_round, arrays)
@@ -155,8 +163,8 @@ class LedgerFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error():
                 kept.append(msg)
-            elif (site := self.bound_site(msg.metadata.src_node_id, str(msg.content["site"]["site"]))):
-                self.record_evaluation(server_round, site, dict(msg.content["metrics"]))
+            elif "site" in msg.content and (site := self.bound_site(msg.metadata.src_node_id, str(msg.content["site"].get("site", "")))):
+                self.record_evaluation(server_round, site, dict(msg.content["metrics"]) if "metrics" in msg.content else {})
                 kept.append(msg)
         return super().aggregate_evaluate(server_round, kept)
 

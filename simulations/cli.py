@@ -198,6 +198,14 @@ def _register(args: argparse.Namespace) -> None:
         print(f"registered {site} as node {node_id} in {registry}")
 
 
+def _unregister(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    registry = Path(args.state).expanduser() / deploy.REGISTRY
+    node_id = deploy.unregister_node(args.site, registry, _flwr_home(args))
+    print(f"unregistered {args.site} (node {node_id}); its key can no longer connect; removed from {registry}")
+
+
 def _launch(args: argparse.Namespace) -> None:
     from common.config import load_run
 
@@ -337,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", default="~/.fedsynth/superlink", help="as for `fedsynth server`: the node registry lives there")
     p.add_argument("--flwr-home", default=None)
     p.set_defaults(func=_register)
+
+    p = sub.add_parser("unregister", help="coordinator: revoke a site's node key (before binding a new one)")
+    p.add_argument("site", help="the site name")
+    p.add_argument("--state", default="~/.fedsynth/superlink", help="as for `fedsynth server`: the node registry")
+    p.add_argument("--flwr-home", default=None)
+    p.set_defaults(func=_unregister)
 
     p = sub.add_parser("launch", help="coordinator: start a federated run on the SuperLink (flwr run)")
     p.add_argument("config", help="simulation YAML that names the sites and settings; its content is shipped, hashed")

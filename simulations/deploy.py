@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -96,8 +97,8 @@ def register_node(site: str, public_key: Path, registry: Path, flwr_home: Path |
     ``registry``: the server counts a node's replies for that site only, whatever the node says."""
     nodes = _read_registry(registry)
     if (bound := [n for n, e in nodes.items() if e["site"] == site]):
-        raise ConfigError(f"{registry}: site {site} is already registered as node {bound[0]}; unregister it first "
-                          f"(flwr supernode unregister {bound[0]}) to bind a new key")
+        raise ConfigError(f"{registry}: site {site} is already registered as node {bound[0]}; "
+                          f"`fedsynth unregister {site}` first to bind a new key")
     res = run([_bin("flwr"), "supernode", "register", str(public_key), "fedsynth", "--name", site, "--format", "json"], flwr_home, timeout=120)
     try:
         node_id = int(json.loads(res.stdout)["node-id"])
@@ -107,6 +108,20 @@ def register_node(site: str, public_key: Path, registry: Path, flwr_home: Path |
                            "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write_registry(registry, nodes)
     return node_id
+
+
+def unregister_node(site: str, registry: Path, flwr_home: Path | None) -> int:
+    """Unregister ``site``'s node from the SuperLink and remove its binding (to rotate or revoke its key)."""
+    nodes = _read_registry(registry)
+    bound = [n for n, e in nodes.items() if e["site"] == site]
+    if not bound:
+        raise ConfigError(f"{registry}: no node is registered for site {site}")
+    res = run([_bin("flwr"), "supernode", "unregister", bound[0], "fedsynth"], flwr_home, timeout=120)
+    if res.returncode != 0 and "not found" not in (res.stdout + res.stderr).lower():
+        raise RuntimeError(f"unregistering {site} (node {bound[0]}) failed: {(res.stdout + res.stderr).strip()[-500:]}")
+    del nodes[bound[0]]
+    _write_registry(registry, nodes)
+    return int(bound[0])
 
 
 def _read_registry(path: Path) -> dict[str, dict]:
@@ -133,6 +148,8 @@ def launch_command(run: RunConfig, run_dir: Path, registry: Path, app: Path = RE
     as content with its hash, so hospitals need none of the coordinator's files."""
     values = {**ship_run(run), "run-dir": Path(run_dir).resolve(), "profile": run.profile,
               "node-registry": Path(registry).resolve(), **run_config}
+    for key, value in values.items():
+        _quotable(Path(str(value)), f"run config {key}")
     overrides = " ".join(f"{k}='{v}'" for k, v in values.items())
     return [_bin("flwr"), "run", str(app), superlink, "--run-config", overrides, "--stream"]
 
@@ -147,7 +164,28 @@ def node_state(site_yaml: Path, state_dir: Path | None) -> Path:
                           "file (the privacy ledger lives there, across every run)")
     path = Path(given).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _quotable(path, "state folder")
     return path
+
+
+SUPEREXEC_SECRET = "superexec.secret"
+
+
+def superexec_secret(state: Path) -> Path:
+    """A node-local secret shared by the SuperNode and its launcher (0600): without it, any process
+    on the hospital's machine could take the node's tasks from its loopback API and run any app."""
+    path = state / SUPEREXEC_SECRET
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path
+
+
+def _quotable(path: Path, what: str) -> None:
+    """Flower's key='value' config strings cannot carry a quote: refuse rather than mis-parse."""
+    if any(c in str(path) for c in "'\"\n"):
+        raise ConfigError(f"{path}: the {what}'s path may not contain quotes or newlines")
 
 
 def allow_installed_app(state: Path, apps: list[Path] = (REPO_ROOT,)) -> Path:
@@ -170,11 +208,14 @@ def node_commands(site_yaml: Path, superlink: str, ca_cert: Path | None, state: 
     only allowlisted apps (client.node_exec). ``state`` keeps its ledger across runs."""
     site = load_site(site_yaml)  # fails early, naming the file, on a bad site YAML
     check_source(site)  # and on missing data, before anything connects
+    _quotable(Path(site.origin).resolve(), "site file")
     node_config = f"site-config='{Path(site.origin).resolve()}' state-dir='{state}'"
+    secret = str(superexec_secret(state))
     node = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config,
-            "--isolation", "process"]
+            "--isolation", "process", "--superexec-auth-secret-file", secret]
     launcher = [sys.executable, "-m", "client.node_exec", "--allowlist", str(state / ALLOWLIST_FILE),
-                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"]  # the node's own loopback API
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",  # the node's own loopback API
+                "--superexec-auth-secret-file", secret]
     if insecure:
         warn_insecure(f"SuperNode {site.name}")
         return node + ["--insecure"], launcher
@@ -241,6 +282,7 @@ class LocalFederation:
         write_connection(self.home, f"127.0.0.1:{self.internal_port}", self.certs)
         self.server: list[subprocess.Popen] = []
         self.nodes: dict[str, list[subprocess.Popen]] = {}
+        self.runtime_ports: dict[str, int] = {}  # each node's own loopback API
 
     def state(self, site: str) -> Path:
         return node_state(self.sites[site], self.tmp / "state" / site)
@@ -267,7 +309,8 @@ class LocalFederation:
     def start_node(self, site: str) -> None:
         state = self.state(site)
         allow_installed_app(state, self.apps)
-        node, launcher = node_commands(self.sites[site], self.superlink, self.certs / "ca.crt", state, free_port())
+        self.runtime_ports[site] = free_port()
+        node, launcher = node_commands(self.sites[site], self.superlink, self.certs / "ca.crt", state, self.runtime_ports[site])
         log = self.tmp / f"node-{site}.log"
         self.nodes[site] = [start(node, log, self.home), start(launcher, log, self.home)]
 

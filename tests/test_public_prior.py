@@ -8,7 +8,7 @@ import torch
 
 from common.config import ConfigError, load_run
 
-from .conftest import DEMO, TINY
+from .conftest import TINY
 
 PRIOR = {"public_prior": {"data": "../../sites/public_archive.yaml", "steps": 3, "batch_size": 16}}
 

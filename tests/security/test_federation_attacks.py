@@ -45,6 +45,10 @@ def test_outsider_cannot_list_register_evict_or_run_anything(federation, outside
     }
     for what, res in attempts.items():
         assert res.returncode != 0, f"{what} succeeded through the gateway: {res.stdout}"
+    # The same CLI set-up, CA and all, works where the SuperLink really is: only the address differed.
+    local = tmp_path / "local-flwr"
+    deploy.write_connection(local, f"127.0.0.1:{federation.internal_port}", federation.certs)
+    assert deploy.run(["flwr", "supernode", "list", "fedsynth"], local, timeout=60).returncode == 0
     assert registered_nodes(federation) == before  # nobody evicted, nobody added
     assert not (tmp_path / "out.json").exists()
 
@@ -91,21 +95,27 @@ def test_superlink_listens_on_loopback_only(federation):
 
 def test_hospital_nodes_refuse_an_app_that_is_not_on_their_allowlist(federation, tmp_path):
     """Even the coordinator (on loopback) cannot run code beside the hospitals' images: a node
-    starts only apps whose hash its operator allowed, and says so in its log."""
+    starts only apps whose hash its operator allowed, and says so in its log. A process on the
+    hospital's own machine that takes tasks from the node's loopback API without the node's
+    secret does not get them either."""
     out = tmp_path / "out.json"
     logs_before = {s: len(federation.node_log(s)) for s in federation.sites}
+    squatter = deploy.start(["flower-superexec", "--runtime-api-address", f"127.0.0.1:{federation.runtime_ports['hospital_a']}",
+                             "--insecure"], tmp_path / "squatter.log", federation.home)
     launch = deploy.start(["flwr", "run", str(ROGUE_APP), "fedsynth", "--run-config", f"out='{out}'", "--stream"],
                           tmp_path / "rogue.log", federation.home)
     try:
         assert launch.wait(timeout=240) == 0, (tmp_path / "rogue.log").read_text()[-2000:]
     finally:
         deploy.stop(launch)
+        deploy.stop(squatter)
     result = json.loads(out.read_text())
     assert result["configs"] == []  # no node's configuration came back
     for site in federation.sites:
         new = federation.node_log(site)[logs_before[site]:]
         assert "REFUSED app" in new and "not on this node's allowlist" in new, site
         assert not (federation.state(site) / "ROGUE_APP_RAN").exists()
+    assert "Start `flwr-clientapp`" not in (tmp_path / "squatter.log").read_text(errors="replace")
 
 
 def test_every_hospital_is_still_registered_and_online_after_the_attacks(federation):
@@ -116,3 +126,15 @@ def test_every_hospital_is_still_registered_and_online_after_the_attacks(federat
     assert federation.online() == len(federation.sites)
     bound = {e["site"] for e in json.loads(federation.registry.read_text())["nodes"].values()}
     assert bound == set(federation.sites)
+
+
+def test_gateway_refuses_oversized_requests_and_drops_proxy_headers_before_anything_reaches_the_superlink():
+    from starlette.testclient import TestClient
+
+    from server.fleet_gateway import _HOP, fleet_path, make_gateway
+
+    gateway = TestClient(make_gateway("127.0.0.1:9", None, max_body_mb=1))  # nothing listens upstream
+    assert gateway.post("/v1/fleet/pull-messages", content=b"x" * (2 * 2**20)).status_code == 413
+    assert gateway.get("/v1/control/list-nodes").status_code == 403
+    assert {"x-forwarded-for", "forwarded", "x-real-ip"} <= _HOP  # a client cannot pose as 127.0.0.1 upstream
+    assert fleet_path("/v1/fleet/pull-messages") and not fleet_path("/v1/fleet/./pull-messages")

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -103,7 +104,9 @@ def test_rgb_dicom_is_one_grey_image_not_rows_taken_for_slices(tmp_path):
     src = get_testdata_file("SC_rgb_rle.dcm")  # 100 x 100 RGB secondary capture
     root = tmp_path / "scans"
     root.mkdir()
-    shutil.copy(src, root / "rgb.dcm")
+    ds = pydicom.dcmread(src)
+    ds.BurnedInAnnotation = "NO"  # a secondary capture is ingested only when it declares no burned-in text
+    ds.save_as(root / "rgb.dcm")
     site = make_site(tmp_path, "dicom", [{"path": "rgb.dcm", "label": 1}])
     res = ingest_site(site, 32, progress=False)
     assert res.quarantine == [] and res.images.shape == (1, 1, 32, 32)  # was 90 "slices" of 100 x 3 pixels
@@ -112,6 +115,16 @@ def test_rgb_dicom_is_one_grey_image_not_rows_taken_for_slices(tmp_path):
     small = sitk.GetArrayFromImage(sitk.Resample(sitk.GetImageFromArray(luma), [32, 32], sitk.Transform(), sitk.sitkLinear,
                                                  (0, 0), (100 / 32, 100 / 32)))
     assert np.corrcoef(small.ravel(), res.images[0, 0].ravel())[0, 1] > 0.9
+
+
+def test_a_secondary_capture_that_does_not_declare_its_pixels_free_of_text_is_quarantined(tmp_path):
+    root = tmp_path / "scans"
+    root.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), root / "plain.dcm")
+    shutil.copy(get_testdata_file("SC_rgb_rle.dcm"), root / "screenshot.dcm")  # Modality OT, no BurnedInAnnotation
+    site = make_site(tmp_path, "dicom", [{"path": "plain.dcm", "label": 0}, {"path": "screenshot.dcm", "label": 1}], "ct")
+    res = ingest_site(site, 32, progress=False)
+    assert reasons(res) == {"screenshot.dcm": "burned_in_annotation"} and res.labels.tolist() == [0]
 
 
 def test_mr_dicom_in_a_ct_site_is_quarantined_as_modality_mismatch(tmp_path):
@@ -212,7 +225,7 @@ def test_symlinks_that_leave_the_root_are_refused_and_those_inside_it_followed(t
     assert len(res.images) == 1 and all(p.startswith(str(root.resolve())) for p in opened)
 
 
-def test_dicom_symlinked_out_of_the_root_is_refused(tmp_path):
+def test_dicom_symlinked_out_of_the_root_is_refused(tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -224,9 +237,21 @@ def test_dicom_symlinked_out_of_the_root_is_refused(tmp_path):
     (root / "link.dcm").symlink_to(outside / "other_patient.dcm")
     (outside / "notes.txt").write_text("not DICOM")
     (root / "notes.dcm").symlink_to(outside / "notes.txt")
+    os.mkfifo(root / "pipe.dcm")  # opening it would block the scan for ever
+    from common.data import readers
+
+    real_scan = readers.sitk.ImageSeriesReader.GetGDCMSeriesIDs
+
+    def scan_only_safe_folders(folder, *args):  # GDCM opens every file of the folder it scans
+        for entry in Path(folder).iterdir():
+            assert stat.S_ISREG(os.stat(entry).st_mode) and entry.resolve().is_relative_to(root.resolve()), entry
+        return real_scan(folder, *args)
+
+    monkeypatch.setattr(readers.sitk.ImageSeriesReader, "GetGDCMSeriesIDs", staticmethod(scan_only_safe_folders))
     site = make_site(tmp_path, "dicom", [{"path": "ct.dcm", "label": 0}, {"path": "link.dcm", "label": 1}], "ct")
     res = ingest_site(site, 32, progress=False)
-    assert reasons(res) == {"link.dcm": "outside_root", "notes.dcm": "outside_root"} and res.labels.tolist() == [0]
+    assert reasons(res)["link.dcm"] == "outside_root" and reasons(res)["notes.dcm"] == "outside_root"
+    assert "pipe.dcm" in reasons(res) and res.labels.tolist() == [0]
 
 
 # ------------------------------------------------------------ 11. a size limit

@@ -78,7 +78,10 @@ def test_replaced_data_resigned_with_a_swapped_key_is_refused(deployment, capsys
     attacker = Ed25519PrivateKey.generate()
     sign_release(release, attacker)
     (release / "release_signing.pub").write_bytes(public_pem(attacker))  # the attacker's key, shipped along
-    assert verify(release) in (1, 4)  # never "OK": an unlisted file, and no trusted key
+    assert verify(release) == 1  # never "OK": the shipped key is a file the manifest does not list
+    assert "release_signing.pub not listed in the signed manifest" in capsys.readouterr().err
+    (release / "release_signing.pub").unlink()
+    assert verify(release) == 4  # consistent with itself, but nothing says who signed it
     assert verify(release, "--public-key", "certs/release_signing.pub") == 1
     assert "signature does not match" in capsys.readouterr().err
 
@@ -145,3 +148,22 @@ def test_a_hospital_makes_its_own_node_key_and_the_coordinator_holds_none(tmp_pa
     key, pub = tmp_path / "state" / "hospital_a.key", tmp_path / "state" / "hospital_a.pub"
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and pub.read_text().startswith("ecdsa-sha2-nistp384 ")
     assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
+
+
+def test_a_missing_release_key_whose_public_half_was_published_is_not_silently_replaced(tmp_path, capsys):
+    assert cli(["certs", "--out", str(tmp_path)]) == 0
+    published = (tmp_path / "release_signing.pub").read_bytes()
+    (tmp_path / "release_signing.pem").unlink()
+    assert cli(["certs", "--out", str(tmp_path)]) == 2
+    assert "release_signing.pem is missing but its published .pub exists" in capsys.readouterr().err
+    assert (tmp_path / "release_signing.pub").read_bytes() == published
+
+
+def test_keygen_rebuilds_a_lost_public_half_and_never_replaces_the_private_key(tmp_path):
+    from common.security.certs import keygen
+
+    priv, pub = keygen("hospital_a", tmp_path)
+    key, public = priv.read_bytes(), pub.read_bytes()
+    pub.unlink()
+    keygen("hospital_a", tmp_path)
+    assert priv.read_bytes() == key and pub.read_bytes() == public

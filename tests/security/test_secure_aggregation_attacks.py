@@ -162,6 +162,17 @@ def test_an_aborted_round_is_booked_without_crediting_or_charging_anyone(tiny_ru
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_an_aborted_round_is_booked_under_the_registered_site_never_the_claimed_one(tiny_run, tmp_path):
+    ledger = ServerLedger(tmp_path / "privacy_ledger.json")
+    rounds = LedgerFedAvg(tmp_path, ledger, registry={1: "hospital_a", 2: "hospital_c"},
+                          min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    strategy = SecureFedAvg(rounds, ArrayRecord({"w": torch.zeros(SHAPE)}), tiny_run)
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(SHAPE)]), WEIGHT,
+                 {"site": "hospital_a", "reason": "", "epsilon": 3.0, "declined": 0, "epsilon-budget": 8.0, "delta": 1e-5})
+    strategy.abort_fit(1, [(SimpleNamespace(node_id=2), res)], [], "1 of 1 replies carry a real update")  # hospital_c's key
+    assert "hospital_a" not in ledger.summary()
+
+
 # ------------------------------------------------------------------ the whole federation
 def spend_whole_budget(ledger) -> None:
     """An earlier study took the site to its ε budget (just over it, within the ledger's tolerance)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -61,22 +63,50 @@ def find_dicom_series(root: Path) -> tuple[list[list[Path]], list[Path]]:
     """Every DICOM series under ``root`` (files in slice order) and the files in no series.
 
     Symlinked folders are not followed; symlinked files are listed as found (the caller
-    refuses those that resolve outside ``root``)."""
+    refuses those that resolve outside ``root``). GDCM scans a whole folder, so a folder that
+    holds a symlink or anything but regular files is scanned through a shadow folder of its
+    regular files inside ``root``: GDCM never opens a file outside it, a device or a FIFO."""
     series: list[list[Path]] = []
     claimed: set[Path] = set()
     all_files: list[Path] = []
+    inside = Path(root).resolve()
     for folder, _dirs, files in sorted(os.walk(root)):
-        if not files:
+        names = [f for f in sorted(files) if not f.startswith(".") and not f.endswith(".csv")]
+        if not names:
             continue
-        all_files += [Path(folder) / f for f in sorted(files) if not f.startswith(".") and not f.endswith(".csv")]
+        paths = [Path(folder) / f for f in names]
+        all_files += paths
         try:
-            found = [[Path(n) for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)]
-                     for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ()]
+            found = _scan_series(Path(folder), paths, inside)
         except RuntimeError:  # a folder GDCM cannot scan: its files are quarantined, not the site lost
             continue
         series += found
         claimed.update(n for names in found for n in names)
     return series, [f for f in all_files if f not in claimed]
+
+
+def _regular_inside(path: Path, root: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode) and path.resolve().is_relative_to(root)
+    except OSError:
+        return False
+
+
+def _scan_series(folder: Path, paths: list[Path], root: Path) -> list[list[Path]]:
+    def scan(where: str) -> list[list[str]]:
+        return [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(where, sid))
+                for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(where) or ()]
+
+    if not any(p.is_symlink() or not stat.S_ISREG(os.lstat(p).st_mode) for p in paths):
+        return [[Path(n) for n in names] for names in scan(str(folder))]
+    with tempfile.TemporaryDirectory(prefix="fedsynth-scan-") as shadow:
+        back = {}
+        for p in paths:
+            if _regular_inside(p, root):
+                link = Path(shadow) / p.name
+                link.symlink_to(p.resolve())
+                back[str(link)] = p
+        return [[back[n] for n in names if n in back] for names in scan(shadow)]
 
 
 def read_dicom_series(files: list[Path], modality: str, max_voxels: int) -> tuple[sitk.Image, str]:
@@ -87,9 +117,12 @@ def read_dicom_series(files: list[Path], modality: str, max_voxels: int) -> tupl
     for i, f in enumerate(files):
         header = _header(f, "GDCMImageIO")
         tag = lambda key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""  # noqa: E731
-        if tag(BURNED_IN_TAG).upper() == "YES":
-            raise ScanError("burned_in_annotation", "BurnedInAnnotation is YES: text such as a name may be in the pixels")
         declared = tag(MODALITY_TAG).upper()
+        burned_in = tag(BURNED_IN_TAG).upper()
+        if burned_in == "YES":
+            raise ScanError("burned_in_annotation", "BurnedInAnnotation is YES: text such as a name may be in the pixels")
+        if declared == "OT" and burned_in != "NO":  # secondary captures (screenshots) carry burned-in text unless declared otherwise
+            raise ScanError("burned_in_annotation", "a secondary capture (Modality OT) without BurnedInAnnotation NO")
         if declared not in UNDECLARED_MODALITIES | DICOM_MODALITIES[modality]:
             raise ScanError("modality_mismatch", f"DICOM Modality {declared}, but the site's source.modality is {modality}")
         voxels += _voxels(header)

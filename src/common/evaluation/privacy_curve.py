@@ -17,7 +17,6 @@ Writes ``curve.json``, ``curve.html`` (table and plots) and one run folder per c
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time

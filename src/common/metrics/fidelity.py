@@ -25,7 +25,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 import torch
 from monai.networks.blocks import ResidualUnit

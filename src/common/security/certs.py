@@ -128,6 +128,9 @@ def make_certs(out: Path, hosts: list[str] = (), force: bool = False, release_ke
         return done
     sign_key = out / "release_signing.pem"  # it signs releases, not certificates: a new CA leaves it be
     force = explicit
+    if not force and not sign_key.exists() and (out / "release_signing.pub").exists():
+        raise CertsError(f"{out}: release_signing.pem is missing but its published .pub exists; restore the key from "
+                         "backup, or --force to make a new one (then publish the new .pub: old releases keep the old one)")
     if need(sign_key) and sign_key.exists():
         sign_key.unlink()
     key = load_or_create_signing_key(sign_key)
@@ -138,6 +141,9 @@ def make_certs(out: Path, hosts: list[str] = (), force: bool = False, release_ke
 def keygen(site: str, out: Path, force: bool = False) -> tuple[Path, Path]:
     """A hospital's SuperNode key pair ``out/<site>.key`` (0600) and ``.pub``; kept if it exists."""
     priv, pub = Path(out) / f"{site}.key", Path(out) / f"{site}.pub"
+    if priv.exists() and not pub.exists() and not force:  # rebuild the public half; never replace a registered key
+        key = serialization.load_ssh_private_key(priv.read_bytes(), password=None)
+        _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", private=False)
     if force or not (priv.exists() and pub.exists()):
         key = ec.generate_private_key(ec.SECP384R1())
         _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
