@@ -46,6 +46,31 @@ def read_allowlist(path: Path) -> set[str]:
     return allowed
 
 
+def refuse_task(runtime_api_address: str, token: str, insecure: bool, root_certificates: str | None, reason: str) -> None:
+    """Answer a refused task as a failed ClientApp would (an error reply and a FAILED status), with
+    Flower's own Runtime API client and helpers. The app's FAB is fetched with the task but never
+    installed, imported or run."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=insecure,
+        root_certificates=Path(root_certificates).read_bytes() if root_certificates else None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    try:
+        message, context, _run, _fab = pull_task_input(client)
+        push_message(client, Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message), context)
+        push_task_output(client, context, SubStatus.FAILED, reason)
+    finally:
+        client.close()
+
+
 def allowlisting_plugin(allowed: set[str]):
     """Flower's SuperExec plugin, refusing tasks whose app is not in ``allowed``."""
     from flwr.supercore import log
@@ -59,7 +84,13 @@ def allowlisting_plugin(allowed: set[str]):
                 msg = (f"REFUSED app {fab_hash[:16] or '(none)'}...: not on this node's allowlist; the node runs only the "
                        f"fedsynth app its operator installed or listed in {ALLOWLIST_FILE}")
                 log(ERROR, msg)
-                return LaunchResult.failed(msg)
+                try:  # answer the task, so the node moves on instead of waiting for it to expire
+                    refuse_task(self.runtime_api_address, token, self.insecure, self.root_certificates_path,
+                                "app refused by the node's allowlist")
+                except Exception as exc:  # noqa: BLE001 - the app still never runs; the task then expires
+                    log(ERROR, "could not answer the refused task (%s); it will expire", type(exc).__name__)
+                    return LaunchResult.failed(msg)
+                return LaunchResult.accepted()
             log(INFO, "App %s... is on the allowlist; starting it", fab_hash[:16])
             return super().launch_task(token, task)
 

@@ -111,6 +111,8 @@ def test_hospital_nodes_refuse_an_app_that_is_not_on_their_allowlist(federation,
         deploy.stop(squatter)
     result = json.loads(out.read_text())
     assert result["configs"] == []  # no node's configuration came back
+    # Each node answered at once with a refusal (so it is free for the next run), not silence.
+    assert result["errors"] == ["app refused by the node's allowlist"] * len(federation.sites)
     for site in federation.sites:
         new = federation.node_log(site)[logs_before[site]:]
         assert "REFUSED app" in new and "not on this node's allowlist" in new, site

@@ -16,7 +16,8 @@ def main(grid: Grid, context: Context) -> None:
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
     replies = list(grid.send_and_receive(msgs, timeout=45))
     got = [{k: str(v) for k, v in r.content["node"].items()} for r in replies if not r.has_error()]
-    Path(str(context.run_config["out"])).write_text(json.dumps({"replies": len(replies), "configs": got}))
+    errors = [r.error.reason for r in replies if r.has_error()]
+    Path(str(context.run_config["out"])).write_text(json.dumps({"replies": len(replies), "configs": got, "errors": errors}))
 
 
 @client.query()
