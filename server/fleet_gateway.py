@@ -67,8 +67,13 @@ def make_gateway(upstream: str, ca_cert: Path | None, max_body_mb: int = MAX_BOD
             if len(body) > limit:
                 return PlainTextResponse("413 Request too large\n", status_code=413)
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _HOP]
-        reply = await client.request(request.method, raw + (f"?{request.url.query}" if request.url.query else ""),
-                                     headers=headers, content=bytes(body))
+        try:
+            reply = await client.request(request.method, raw + (f"?{request.url.query}" if request.url.query else ""),
+                                         headers=headers, content=bytes(body))
+        except httpx.TimeoutException:
+            return PlainTextResponse("504 Gateway Timeout\n", status_code=504)
+        except httpx.TransportError:  # the SuperLink is down or restarting: nodes retry on 502 as on a refused connection
+            return PlainTextResponse("502 Bad Gateway\n", status_code=502)
         out = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP | {"content-encoding"}}
         return Response(reply.content, status_code=reply.status_code, headers=out)
 

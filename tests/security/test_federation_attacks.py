@@ -130,13 +130,15 @@ def test_every_hospital_is_still_registered_and_online_after_the_attacks(federat
     assert bound == set(federation.sites)
 
 
-def test_gateway_refuses_oversized_requests_and_drops_proxy_headers_before_anything_reaches_the_superlink():
+def test_gateway_refuses_oversized_requests_drops_proxy_headers_and_reports_a_down_superlink_as_502():
     from starlette.testclient import TestClient
 
     from server.fleet_gateway import _HOP, fleet_path, make_gateway
 
     gateway = TestClient(make_gateway("127.0.0.1:9", None, max_body_mb=1))  # nothing listens upstream
     assert gateway.post("/v1/fleet/pull-messages", content=b"x" * (2 * 2**20)).status_code == 413
+    # A SuperLink that is down or restarting: 502, which SuperNodes retry (a 500 made them give up).
+    assert gateway.post("/v1/fleet/pull-messages", content=b"").status_code == 502
     assert gateway.get("/v1/control/list-nodes").status_code == 403
     assert {"x-forwarded-for", "forwarded", "x-real-ip"} <= _HOP  # a client cannot pose as 127.0.0.1 upstream
     assert fleet_path("/v1/fleet/pull-messages") and not fleet_path("/v1/fleet/./pull-messages")
