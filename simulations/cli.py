@@ -207,13 +207,13 @@ def _unregister(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace) -> None:
+    from common.appconfig import load_registry
     from common.config import load_run
 
     from . import deploy
 
     registry = Path(args.state).expanduser() / deploy.REGISTRY
-    if not registry.exists():
-        raise ConfigError(f"{registry}: no node registry; register the hospitals' keys first (fedsynth register)")
+    load_registry(registry)  # fails here, in one line, rather than in the ServerApp
     cmd = deploy.launch_command(load_run(args.config, args.profile), Path(args.run_dir), registry)
     raise SystemExit(subprocess.call(cmd, env=deploy._env(_flwr_home(args))))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from client.checks import check_source
 from client.node_exec import ALLOWLIST_FILE, app_hash, read_allowlist
-from common.appconfig import REPO_ROOT, ship_run
+from common.appconfig import REPO_ROOT, read_registry, ship_run
 from common.config import ConfigError, RunConfig, load_run, load_site
 from common.runtime import sha256_file
 from common.security.certs import keygen, make_certs
@@ -95,7 +95,7 @@ def write_connection(flwr_home: Path, superlink: str, certs: Path | None, insecu
 def register_node(site: str, public_key: Path, registry: Path, flwr_home: Path | None) -> int:
     """Register a hospital's public key with the SuperLink and bind its node id to ``site`` in
     ``registry``: the server counts a node's replies for that site only, whatever the node says."""
-    nodes = _read_registry(registry)
+    nodes = read_registry(registry)
     if (bound := [n for n, e in nodes.items() if e["site"] == site]):
         raise ConfigError(f"{registry}: site {site} is already registered as node {bound[0]}; "
                           f"`fedsynth unregister {site}` first to bind a new key")
@@ -112,7 +112,7 @@ def register_node(site: str, public_key: Path, registry: Path, flwr_home: Path |
 
 def unregister_node(site: str, registry: Path, flwr_home: Path | None) -> int:
     """Unregister ``site``'s node from the SuperLink and remove its binding (to rotate or revoke its key)."""
-    nodes = _read_registry(registry)
+    nodes = read_registry(registry)
     bound = [n for n, e in nodes.items() if e["site"] == site]
     if not bound:
         raise ConfigError(f"{registry}: no node is registered for site {site}")
@@ -122,15 +122,6 @@ def unregister_node(site: str, registry: Path, flwr_home: Path | None) -> int:
     del nodes[bound[0]]
     _write_registry(registry, nodes)
     return int(bound[0])
-
-
-def _read_registry(path: Path) -> dict[str, dict]:
-    if not Path(path).exists():
-        return {}
-    try:
-        return dict(json.loads(Path(path).read_text())["nodes"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a readable node registry ({type(exc).__name__}); restore it from backup") from None
 
 
 def _write_registry(path: Path, nodes: dict) -> None:
@@ -303,7 +294,7 @@ class LocalFederation:
     def register(self) -> None:
         for site in self.sites:
             _, pub = keygen(site, self.state(site))  # each hospital makes its own; only the .pub comes here
-            if site not in {e["site"] for e in _read_registry(self.registry).values()}:
+            if site not in {e["site"] for e in read_registry(self.registry).values()}:
                 register_node(site, pub, self.registry, self.home)
 
     def start_node(self, site: str) -> None:

@@ -64,9 +64,21 @@ def registry_from_context(context) -> dict[int, str]:
     return load_registry(_resolve(given))
 
 
-def load_registry(path: Path) -> dict[int, str]:
+def read_registry(path: Path) -> dict[str, dict]:
+    """The registry's entries as written (node id string -> site, key hash, date); {} if none yet."""
+    if not Path(path).exists():
+        return {}
     try:
-        nodes = json.loads(Path(path).read_text())["nodes"]
-        return {int(node_id): str(entry["site"]) for node_id, entry in nodes.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return dict(json.loads(Path(path).read_text())["nodes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable node registry ({type(exc).__name__}); restore it from backup "
+                          "or rerun `fedsynth register`") from None
+
+
+def load_registry(path: Path) -> dict[int, str]:
+    if not Path(path).exists():
+        raise ConfigError(f"{path}: no node registry; register the hospitals' keys first (fedsynth register)")
+    try:
+        return {int(node_id): str(entry["site"]) for node_id, entry in read_registry(path).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: not a readable node registry ({type(exc).__name__}); rerun `fedsynth register`") from None

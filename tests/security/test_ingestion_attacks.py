@@ -354,12 +354,18 @@ def test_site_state_is_owner_only_even_where_it_existed_world_readable(tmp_path,
     assert {p.name for p in paths} >= {state.name, "ingest_cache", "manifest.json", "pseudonym.key", "quarantine.json"}
 
 
-def test_corrupt_cache_manifest_is_a_one_line_error_that_says_what_to_do(tmp_path, xrays, capsys):
+def ingested_png_site(tmp_path, xrays):
+    """A one-image site, ingested once: its cache and pseudonym key exist."""
     root = tmp_path / "scans"
     root.mkdir()
     write_png(xrays[0][0], root / "cxr.png")
     site = make_site(tmp_path, "images", [{"path": "cxr.png", "label": 0}])
     ingest_site(site, 32, progress=False)
+    return site
+
+
+def test_corrupt_cache_manifest_is_a_one_line_error_that_says_what_to_do(tmp_path, xrays, capsys):
+    site = ingested_png_site(tmp_path, xrays)
     cache = site_state_dir(site) / "ingest_cache"
     (cache / "manifest.json").write_text('{"params": "x", "entries": {"k": ')  # a write cut short
     from simulations.cli import main as cli
@@ -374,11 +380,7 @@ def test_corrupt_cache_manifest_is_a_one_line_error_that_says_what_to_do(tmp_pat
 
 
 def test_pseudonym_key_readable_by_others_is_a_one_line_error_that_says_what_to_do(tmp_path, xrays, capsys):
-    root = tmp_path / "scans"
-    root.mkdir()
-    write_png(xrays[0][0], root / "cxr.png")
-    site = make_site(tmp_path, "images", [{"path": "cxr.png", "label": 0}])
-    ingest_site(site, 32, progress=False)
+    site = ingested_png_site(tmp_path, xrays)
     key = site_state_dir(site) / "pseudonym.key"
     os.chmod(key, 0o644)
     from simulations.cli import main as cli
