@@ -235,6 +235,36 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"OK: signed by the key in {args.public_key}; {len(files)} file(s), every file listed and matching: {', '.join(files)}")
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    from dashboard.serve import serve_dashboard
+
+    serve_dashboard(args.runs, args.host, args.port, args.public_key)
+
+
+def _reader_study(args: argparse.Namespace) -> None:
+    if args.action == "create":
+        from common.evaluation.reader_study import create_from_run
+
+        path, links = create_from_run(args.target, args.name, {
+            "images": args.images, "synthetic_fraction": args.synthetic_fraction,
+            "consenting_sites": args.consenting_sites, "readers": args.readers}, args.base_url)
+        print(f"created {path}; send each reader their own link (also in {path.parent / 'links.txt'}, readable only by you):")
+        for reader, link in links.items():
+            print(f"  {reader}: {link}")
+    elif args.action == "serve":
+        from dashboard.serve import serve_reader_study
+
+        serve_reader_study(args.target, args.host, args.port)
+    else:
+        from common.evaluation.reader_results import write_results
+
+        out, result = write_results(args.target)
+        for name, r in result["readers"].items():
+            print(f"{name}: {r['answered']}/{r['images']} answered, accuracy {r['accuracy']}, binomial p {r['binomial_p']}, AUC {r['auc_rating']}")
+        print(f"agreement: {result['agreement']}")
+        print(f"wrote {out} (and the study into the run's report.json)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsynth", description="Federated, privacy-preserving synthesis of medical images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -375,6 +405,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public-key", default=None, help="the deployment's published Ed25519 key (certs/release_signing.pub); "
                    "without it the result is UNAUTHENTICATED (exit 4)")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("dashboard", help="coordinator: a web dashboard of every run folder (live runs, images, "
+                       "curves, F/U/P, release and gate, comparisons)")
+    p.add_argument("runs", nargs="?", default="runs", help="the folder of run folders (default: runs/)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; see docs/dashboard.md for TLS)")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--public-key", default=None, help="the deployment's release_signing.pub, to verify releases "
+                   "(default: beside $FEDSYNTH_SIGNING_KEY or certs/release_signing.pem)")
+    p.set_defaults(func=_dashboard)
+
+    p = sub.add_parser("reader-study", help="a blinded reader study of a release: create it, serve it to readers, "
+                       "compute its results")
+    p.add_argument("action", choices=["create", "serve", "results"])
+    p.add_argument("target", help="create: a run folder; serve / results: the study file "
+                   "(runs/<run>/reader_studies/<name>/study.sqlite)")
+    p.add_argument("--name", default="study", help="create: the study's name (default: study)")
+    p.add_argument("--images", type=int, default=None, help="create: images per reader (default: reader_study.images)")
+    p.add_argument("--synthetic-fraction", type=float, default=None)
+    p.add_argument("--consenting-sites", nargs="+", default=None, help="create: sites that agreed to show held-out images")
+    p.add_argument("--readers", nargs="+", default=None, help="create: reader names (default: reader_study.readers)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8060", help="create: the address readers will open")
+    p.add_argument("--host", default="127.0.0.1", help="serve: listen address")
+    p.add_argument("--port", type=int, default=8060, help="serve: port")
+    p.set_defaults(func=_reader_study)
 
     args = parser.parse_args(argv)
     try:

@@ -359,6 +359,18 @@ class StudyConfig:
 
 
 @dataclass(config=STRICT)
+class ReaderStudyConfig:
+    """``fedsynth reader-study create``: a blinded mix of the release and real held-out images."""
+
+    images: int = Field(60, ge=4, le=5000)  # shown to every reader, stratified by class
+    synthetic_fraction: float = Field(0.5, gt=0, lt=1)
+    # Sites whose held-out images may be shown to readers: only those that agreed. Empty: none,
+    # and `create` refuses (a detection study needs real images).
+    consenting_sites: list[str] = field(default_factory=list)
+    readers: list[str] = field(default_factory=lambda: ["reader_1", "reader_2", "reader_3"])
+
+
+@dataclass(config=STRICT)
 class RunConfig:
     name: str
     sites: list[SiteConfig]
@@ -373,6 +385,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     public_prior: PublicPriorConfig | None = None
     study: StudyConfig = field(default_factory=StudyConfig)
+    reader_study: ReaderStudyConfig = field(default_factory=ReaderStudyConfig)
     origin: str = ""
 
     @property
@@ -482,6 +495,8 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
         raise ConfigError(f"{path}: sites: duplicate site names {names}")
     if not run.training_sites:
         raise ConfigError(f"{path}: sites: at least one site needs role 'train'")
+    if unknown := sorted(set(run.reader_study.consenting_sites) - set(names)):
+        raise ConfigError(f"{path}: reader_study.consenting_sites: {unknown} are not sites of this run (have: {names})")
     if run.federation.min_train_nodes > len(run.training_sites):
         raise ConfigError(
             f"{path}: federation.min_train_nodes={run.federation.min_train_nodes} exceeds "
