@@ -14,15 +14,18 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-
-from rich.console import Console
+from urllib.parse import quote
 
 from common.config import RunConfig, load_run, run_from_dict
+from common.evaluation.gate import ReleaseRefused
 from common.reporting import write_reports
+from common.reporting.run_folder import write_status
 from common.runtime import versions, write_json
 from server.synthesis import release_dir
 
-console = Console(stderr=True)
+from .terminal import LOG, console, output_to_log, warn
+
+DASHBOARD = "http://127.0.0.1:8050"  # `fedsynth dashboard`'s default address
 
 
 def _eps(e: float | None) -> str:
@@ -108,16 +111,43 @@ def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, P
     write_json(run_dir / "config.json", run.to_dict())
     how = "simulate" if federate is run_federation else "deploy-local"
     console.rule(f"[bold]fedsynth {how}[/] {run.name} ({run.profile}, {run.model.name}, dp={run.training.dp}) -> {run_dir}")
-    console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x {run.training.local_steps} steps, then sampling")
-    federate(run, run_dir)
+    write_status(run_dir, "running", mode=how)
+    try:
+        with output_to_log(run_dir / LOG):
+            report = _train_and_score(run, run_dir, federate, start)
+    except ReleaseRefused:  # the run is done; its release is not: gate.json says why
+        write_status(run_dir, "finished", release="refused")
+        raise
+    except Exception as exc:  # Ctrl-C is left "running": a dead pid reads as interrupted, resumable
+        write_status(run_dir, "failed", error=(str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        console.print(f"[red]Stopped.[/] This run's log (library output, the traceback): {run_dir / LOG}", soft_wrap=True)
+        raise
+    if report:
+        write_status(run_dir, "finished")
+        console.print(f"Dashboard: fedsynth dashboard {run_dir.parent}  ->  {DASHBOARD}/runs/{quote(run_dir.name)}", soft_wrap=True)
+    return report
+
+
+def _train_and_score(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, Path], None], start: float) -> dict:
+    from .progress import FederationProgress, config_warnings, phase
+
+    for message in config_warnings(run):
+        warn(message)
+    console.print(f"[1/2] Federated training: {len(run.training_sites)} sites x {run.training.rounds} rounds x "
+                  f"{run.training.local_steps} steps, then sampling (library output: {run_dir / LOG})", soft_wrap=True)
+    with FederationProgress(run, run_dir):
+        federate(run, run_dir)
     if not (release_dir(run_dir) / "synthetic.npz").exists():
         stop = run.federation.stop_after_round
         if not stop or stop >= run.training.rounds:
-            raise RuntimeError(f"federation finished without a synthetic release in {run_dir}; see the log above")
+            raise RuntimeError(f"federation finished without a synthetic release in {run_dir}; see {run_dir / LOG}")
+        write_status(run_dir, "paused", after_round=stop)
         console.print(f"Paused after round {stop}; resume with: fedsynth simulate --resume {run_dir}")
         return {}
     console.print(f"[2/2] Evaluating the release ({time.time() - start:.0f} s so far)")
-    report = evaluate_run(run, run_dir, start)
+    write_status(run_dir, "evaluating")
+    with phase("fidelity, utility and privacy of the release"):
+        report = evaluate_run(run, run_dir, start)
     h = report["headline"]
     console.rule("[bold]Headline")
     console.print(

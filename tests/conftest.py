@@ -36,6 +36,15 @@ def demo_run(shared_data):
     return load_run(DEMO)
 
 
+@pytest.fixture(scope="session")
+def tiny_finished_run(shared_data, tmp_path_factory, signing_key) -> Path:
+    """One real Flower simulation of tests/configs/tiny.yaml, scored and released, shared by the
+    end-to-end checks (tests/test_simulation_e2e.py) and the browser tests (tests/web/)."""
+    from simulations.simulate import simulate
+
+    return simulate(str(TINY), output_dir=str(tmp_path_factory.mktemp("runs")))
+
+
 @pytest.fixture
 def task_identity():
     """Messages built outside a running Flower process need a task identity."""

@@ -5,7 +5,6 @@ import math
 
 import pytest
 
-from simulations.simulate import simulate
 
 from .conftest import TINY
 
@@ -24,9 +23,8 @@ def _numbers(obj, path=""):
 
 
 @pytest.fixture(scope="module")
-def finished_run(shared_data, tmp_path_factory):
-    run_dir = simulate(str(TINY), output_dir=str(tmp_path_factory.mktemp("runs")))
-    return run_dir, json.loads((run_dir / "report.json").read_text())
+def finished_run(tiny_finished_run):
+    return tiny_finished_run, json.loads((tiny_finished_run / "report.json").read_text())
 
 
 def test_every_report_figure_exists_and_is_finite(finished_run):
@@ -96,6 +94,13 @@ def test_release_is_signed_and_verifies(finished_run, signing_key):
     assert not (run_dir / "staging").exists()
 
 
+def test_library_output_goes_to_the_run_log_and_the_status_says_finished(finished_run):
+    run_dir, _ = finished_run
+    log = (run_dir / "run.log").read_text(encoding="utf-8", errors="replace")
+    assert "[ROUND 2/2]" in log and "configure_train" in log  # Flower's INFO lines, not on the terminal
+    assert json.loads((run_dir / "run_status.json").read_text())["state"] == "finished"
+
+
 def test_a_paused_or_restarted_run_resumes_from_its_checkpoint(shared_data, tmp_path):
     from common.config import load_run
     from simulations.simulate import new_run_dir, resume, simulate_run
@@ -105,6 +110,7 @@ def test_a_paused_or_restarted_run_resumes_from_its_checkpoint(shared_data, tmp_
     assert simulate_run(run, run_dir) == {}  # paused after round 1: no release yet
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["round_0001.pt"]
     assert not (run_dir / "synthetic").exists()
+    assert json.loads((run_dir / "run_status.json").read_text())["state"] == "paused"
 
     resume(run_dir)  # a restarted coordinator: continues with round 2, not round 1 again
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
@@ -115,6 +121,7 @@ def test_a_paused_or_restarted_run_resumes_from_its_checkpoint(shared_data, tmp_
     assert [r["round"] for r in client["rounds"]] == [1, 2] and client["epsilon_spent"] <= 8.0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["privacy"]["sites"]["hospital_a"]["rounds_trained"] == 2
+    assert json.loads((run_dir / "run_status.json").read_text())["state"] == "finished"
 
 
 def test_report_states_each_sites_guarantee_unit_and_audit(finished_run):
