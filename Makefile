@@ -9,7 +9,7 @@ export FEDSYNTH_DATA_DIR ?= $(abspath ../shared/data)
 # Otherwise Flower installs the app's dependencies at run time (a CUDA torch).
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test screenshots clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,21 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The browser tests drive Debian's chromium through Selenium (tests/web/).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else echo "make: the browser tests need chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; }
+
 demo: setup
 	$(BIN)/fedsynth simulate simulations/demo.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Re-take the screenshots in docs/img/ from the browser tests.
+screenshots: setup browser
+	FEDSYNTH_SCREENSHOTS=$(abspath docs/img) $(BIN)/python -m pytest -q tests/web
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
