@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.reporting.run_folder import RunFolder, list_runs, read_run
 
 from . import plots
+from .security import guard
 from .templating import templates
 
 HERE = Path(__file__).parent
@@ -114,10 +115,11 @@ def privacy_rows(report: dict) -> tuple[list[dict], list[dict]]:
 def convergence_svgs(run: RunFolder, progress: dict | None = None) -> dict[str, str]:
     progress = progress or run.progress()
     sites = progress["sites"]
-    budgets: dict[str, float] = {}
+    by_budget: dict[float, list[str]] = {}
     for s, v in sites.items():
         if v.get("epsilon_budget") is not None:
-            budgets[f"budget {s} ({v['epsilon_budget']:g})"] = v["epsilon_budget"]
+            by_budget.setdefault(v["epsilon_budget"], []).append(s)
+    budgets = {f"budget of {', '.join(names)} ({b:g})": b for b, names in by_budget.items()}
     eps = plots.curves({s: v["epsilon_by_round"] for s, v in sites.items()}, "ε spent per round per site", "ε", budgets)
     if run.kind == "simulation":
         loss = plots.curves({**{f"{s} train": v.get("train_loss_by_round", []) for s, v in sites.items()},
@@ -150,14 +152,16 @@ COMPARE_FIGURES = ["fup", "fidelity_F", "utility_U", "privacy_P", "fid", "covera
                    "mi_auc_max", "domias_auc", "dcr_excess", "reid_rate"]
 
 
-def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = None) -> FastAPI:
+def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     root = Path(root).resolve()
     key = Path(public_key) if public_key else _public_key()
     app = FastAPI(title="fedsynth dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    guard(app, allowed_hosts)
 
-    def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"root": str(root), **context}, status_code=status)
+    def page(request: Request, name: str, status: int = 200, headers: dict | None = None, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {"root": str(root), "dashboard": True, **context},
+                                          status_code=status, headers=headers)
 
     def get_run(name: str) -> RunFolder:
         path = (root / name).resolve()
@@ -173,15 +177,16 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception):
-        # A run folder being written, or damaged, must show a message, never a bare 500.
-        return page(request, "error.html", 500, code=500,
-                    message=f"Could not read this page's run folder ({type(exc).__name__}: {exc}). It may be half-written; "
-                            "reload once the run has moved on.")
+        # A run folder being written, or damaged: a message and "try again", never a bare 500.
+        message = (f"Could not read this page's run folder ({type(exc).__name__}: {exc}). It may be half-written; "
+                   "reload once the run has moved on.")
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "5"})
+        return page(request, "error.html", 503, code=503, message=message, headers={"Retry-After": "5"})
 
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request):
-        runs = [r.summary() for r in list_runs(root)]
-        return page(request, "index.html", runs=runs, missing=not root.is_dir())
+        return page(request, "index.html", runs=[r.summary() for r in list_runs(root)], missing=not root.is_dir())
 
     @app.get("/api/runs")
     def api_runs():
@@ -212,7 +217,11 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
         if release.is_file():
             from .images import synthetic_by_class
 
-            classes = sorted(synthetic_by_class(release))
+            try:
+                classes = sorted(synthetic_by_class(release))
+            except Exception as exc:  # noqa: BLE001 (a release being written, or damaged: say so on the page)
+                run.problems.append(f"{release.name} is unreadable or half-written ({type(exc).__name__})")
+                release = release.with_name("missing")
         real_sites = [s for s in run.sites] if run.real_images_allowed and release.is_file() else []
         gate, gate_problem = (None, None)
         if (run.path / "gate.json").exists():
@@ -226,12 +235,15 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
                     privacy_sites=site_rows, privacy_release=release_rows, headline=run.headline,
                     signature=signature_status(run, key) if run.kind in ("simulation", "deployment") else None,
                     gate=gate, gate_problem=gate_problem, studies=studies, live=run.state in ("running", "evaluating"),
-                    report_file=next((f for f in REPORTS if (run.path / f).is_file()), None), study_rows=study_headline(run))
+                    report_file=None if run.kind == "deployment" else next((f for f in REPORTS if (run.path / f).is_file()), None), study_rows=study_headline(run))
 
     @app.get("/runs/{name}/report.html", response_class=HTMLResponse)
     def static_report(name: str):
         """The run's own HTML report as fedsynth wrote it (report.html, study.html or curve.html)."""
         run = get_run(name)
+        if run.kind == "deployment":  # report.html embeds real held-out images beside synthetic ones
+            raise HTTPException(403, "A deployment's report.html shows real images, which stay at the hospitals; "
+                                     "this page shows its synthetic images and aggregate figures.")
         for file in REPORTS:
             if (run.path / file).is_file():
                 return HTMLResponse((run.path / file).read_text(encoding="utf-8"))

@@ -23,6 +23,11 @@ def to_svg(fig) -> str:
     return text[text.index("<svg"):]  # inline: drop the XML prologue and DOCTYPE
 
 
+def _plain(label: str) -> str:
+    """A run or site name as text: matplotlib would read $...$ as mathtext."""
+    return label.replace("$", r"\$")
+
+
 def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
            hlines: dict[str, float] | None = None, empty: str = "no data yet") -> str:
     """One line per series over rounds, dashed budget lines, as inline SVG."""
@@ -30,10 +35,10 @@ def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str
     for label, points in series.items():
         if points:
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            ax.plot(xs, ys, marker="o", markersize=3, label=_plain(label))
     for label, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", linewidth=0.8, color="grey")
-        ax.annotate(label, (0, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
+        ax.annotate(_plain(label), (0, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
     if not any(series.values()):
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="grey")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -45,12 +50,3 @@ def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str
         ax.legend(fontsize=7)
     return to_svg(fig)
 
-
-def bars(values: dict[str, float], title: str, ylabel: str) -> str:
-    fig, ax = plt.subplots(figsize=(4.5, 2.8))
-    ax.bar(list(values), list(values.values()), color="#4c72b0")
-    ax.set_title(title, fontsize=10)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=7)
-    return to_svg(fig)

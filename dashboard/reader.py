@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from common.evaluation.reader_study import GUESSES, RATINGS, Study, StudyError
 
+from .security import guard
 from .templating import templates
 
 HERE = Path(__file__).parent
@@ -23,19 +25,21 @@ NOT_VALID = "This link is not valid. Check that you copied the whole link you we
 USED_UP = "This link has been used: every image was rated and your answers are saved. Thank you."
 
 
-def create_reader_app(study_path: str | os.PathLike) -> FastAPI:
+def create_reader_app(study_path: str | os.PathLike, allowed_hosts: list[str] | None = None) -> FastAPI:
     study_path = Path(study_path)
     Study(study_path).close()  # fail at start, with the file's name, not at the first reader
     app = FastAPI(title="fedsynth reader study", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    guard(app, allowed_hosts)
 
-    @app.middleware("http")
-    async def private(request: Request, call_next):
-        response = await call_next(request)
-        # The token is in the URL: never send it on as a Referer, never cache a page or an image.
-        response.headers.update({"Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
-                                 "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"})
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def bad_form(request: Request, exc: RequestValidationError):
+        return page(request, "error.html", 400, code=400, message="That answer could not be read. Go back to your link and answer again.")
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception):
+        return page(request, "error.html", 503, code=503,
+                    message="The study is not available right now; your answers so far are saved. Try your link again in a minute.")
 
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context, status_code=status)

@@ -32,7 +32,7 @@ def test_a_study_is_stratified_by_class_and_kind_and_keeps_no_token(tmp_path):
 
 
 def test_an_answer_counts_once_and_a_token_opens_only_its_reader(tmp_path):
-    cfg = ReaderStudyConfig(images=4, consenting_sites=["hospital_a"], readers=["a", "b"])
+    cfg = ReaderStudyConfig(images=4, consenting_sites=["hospital_a", "hospital_b"], readers=["a", "b"])
     tokens = create_study(tmp_path / "s.sqlite", pools(), cfg, {})
     study = Study(tmp_path / "s.sqlite")
     a = study.reader(tokens["a"])
@@ -50,5 +50,21 @@ def test_an_answer_counts_once_and_a_token_opens_only_its_reader(tmp_path):
 
 def test_a_study_larger_than_its_pools_is_refused_and_leaves_no_file(tmp_path):
     with pytest.raises(StudyError, match="class 0 needs 50 synthetic images, the pool has 20"):
-        create_study(tmp_path / "s.sqlite", pools(), ReaderStudyConfig(images=200, consenting_sites=["hospital_a"]), {})
+        create_study(tmp_path / "s.sqlite", pools(), ReaderStudyConfig(images=200, consenting_sites=["hospital_a", "hospital_b"]), {})
     assert not (tmp_path / "s.sqlite").exists()  # nothing half-made left behind
+
+
+def test_real_images_from_a_site_that_did_not_agree_are_refused(tmp_path):
+    with pytest.raises(StudyError, match=r"real images from \['hospital_b'\], which did not agree"):
+        create_study(tmp_path / "s.sqlite", pools(), ReaderStudyConfig(images=8, consenting_sites=["hospital_a"]), {})
+
+
+def test_every_image_is_the_same_number_of_bytes_whatever_its_content(tmp_path):
+    """A compressed PNG's size would tell a smooth synthetic image from a real one."""
+    smooth = pools()
+    smooth.synthetic[:] = 128  # flat grey compresses to almost nothing; noise does not compress at all
+    create_study(tmp_path / "s.sqlite", smooth, ReaderStudyConfig(images=20, consenting_sites=["hospital_a", "hospital_b"]), {})
+    with sqlite3.connect(tmp_path / "s.sqlite") as con:
+        sizes = {n for (n,) in con.execute("SELECT length(png) FROM items")}
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(sizes) == 1

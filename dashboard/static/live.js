@@ -4,7 +4,10 @@ function fedsynthFmt(v, d) { return (v === null || v === undefined) ? "–" : Nu
 function fedsynthLiveIndex() {
   if (!document.querySelector("#runs tr.state-running, #runs tr.state-evaluating")) return;
   const tick = async () => {
-    const runs = await (await fetch("/api/runs", {cache: "no-store"})).json();
+    let runs;
+    try { runs = await (await fetch("/api/runs", {cache: "no-store"})).json(); }
+    catch (e) { setTimeout(tick, 5000); return; }  // a restart or a file mid-write: try again
+    if (!Array.isArray(runs)) { setTimeout(tick, 5000); return; }
     let live = false;
     for (const r of runs) {
       const row = document.querySelector(`#runs tr[data-run="${CSS.escape(r.name)}"]`);
@@ -23,7 +26,12 @@ function fedsynthLiveIndex() {
 function fedsynthLiveRun(name) {
   const base = "/runs/" + encodeURIComponent(name);
   const tick = async () => {
-    const p = await (await fetch("/api" + base + "/progress", {cache: "no-store"})).json();
+    let p;
+    try {
+      const reply = await fetch("/api" + base + "/progress", {cache: "no-store"});
+      if (!reply.ok) throw new Error(reply.status);
+      p = await reply.json();
+    } catch (e) { setTimeout(tick, 5000); return; }  // a restart or a file mid-write: try again
     document.getElementById("state").textContent = p.state;
     document.getElementById("state").className = "badge " + p.state;
     document.getElementById("rounds").textContent = `${p.rounds_done} / ${p.rounds_total ?? "–"} rounds`;
@@ -41,8 +49,8 @@ function fedsynthLiveRun(name) {
       body.appendChild(tr);
     }
     for (const which of ["epsilon", "loss"]) {
-      const svg = await (await fetch(`${base}/convergence/${which}.svg`, {cache: "no-store"})).text();
-      document.getElementById("plot-" + which).innerHTML = svg;
+      const reply = await fetch(`${base}/convergence/${which}.svg`, {cache: "no-store"}).catch(() => null);
+      if (reply && reply.ok) document.getElementById("plot-" + which).innerHTML = await reply.text();  // our own SVG
     }
     if (p.state === "running" || p.state === "evaluating") setTimeout(tick, 3000); else location.reload();
   };

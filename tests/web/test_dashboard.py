@@ -57,7 +57,9 @@ def test_a_deployments_page_shows_synthetic_images_and_aggregates_only(browser, 
     assert not browser.find_elements(By.CSS_SELECTOR, "img.grid.real")
     assert "never leave the hospitals" in browser.find_element(By.ID, "no-real").text
     assert "stay at the hospitals" in browser.find_element(By.ID, "plot-loss").text  # no loss curves either
-    assert httpx.get(f"{dashboard.url}/runs/tiny-deployment/grid/real/hospital_a/0.png").status_code == 403
+    assert not browser.find_elements(By.ID, "report-link")  # report.html embeds real images beside synthetic ones
+    for path in ("grid/real/hospital_a/0.png", "report.html"):
+        assert httpx.get(f"{dashboard.url}/runs/tiny-deployment/{path}").status_code == 403, path
 
 
 def test_a_tampered_release_shows_its_signature_failed(browser, dashboard, runs_root):
@@ -106,6 +108,12 @@ def test_a_run_in_progress_updates_live_without_a_reload(browser, dashboard, run
     assert "2.5" in browser.find_element(By.ID, "sites-progress").text
     WebDriverWait(browser, 30).until(lambda d: "hospital_a" in d.find_element(By.ID, "plot-epsilon").text)
     assert browser.execute_script("return window.notReloaded === true")
+
+
+def test_a_request_for_another_host_name_is_refused(dashboard):
+    """A web page elsewhere cannot read the dashboard through DNS rebinding."""
+    assert httpx.get(dashboard.url + "/api/runs", headers={"Host": "attacker.example"}).status_code == 400
+    assert httpx.get(dashboard.url + "/api/runs").status_code == 200
 
 
 def test_a_half_written_or_missing_run_gets_a_clear_message_never_a_500(browser, dashboard):

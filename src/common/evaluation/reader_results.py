@@ -1,8 +1,10 @@
 """What the readers of a study saw: detection, plausibility and agreement, with their tests.
 
 * Detection, per reader: accuracy of the real/synthetic guess with a two-sided exact binomial
-  test against chance (p = 0.5), and the ROC AUC of the plausibility rating for "real"
-  (Hanley & McNeil's reading of a rating scale). Near 0.5 means readers cannot tell.
+  test against chance (p = 0.5; only when half the images are real), balanced accuracy and
+  Fisher's exact test of guess against truth (valid for any mix), and the ROC AUC of the
+  plausibility rating for "real" (Hanley & McNeil's reading of a rating scale). Near 0.5 means
+  readers cannot tell.
 * Plausibility: mean rating of real vs synthetic images, Mann-Whitney U test (two-sided,
   tie-corrected normal approximation), per reader and pooled.
 * Pooled means image by image (mean rating, majority guess over the readers): readers see the same
@@ -35,16 +37,26 @@ def _f(x) -> float | None:
 
 
 def detection(rows: list[dict]) -> dict:
-    from scipy.stats import binomtest, mannwhitneyu
+    """Detection and plausibility for answers that are independent of one another (one reader, or
+    one row per image). Rows without a guess (a tied image) count for the ratings only."""
+    from scipy.stats import binomtest, fisher_exact, mannwhitneyu
     from sklearn.metrics import roc_auc_score
 
-    n = len(rows)
-    correct = sum(r["guess"] == r["truth"] for r in rows)
+    guessed = [r for r in rows if r["guess"] in ("real", "synthetic")]
+    n, correct = len(guessed), sum(r["guess"] == r["truth"] for r in guessed)
+    real_n = sum(r["truth"] == "real" for r in guessed)
     truth = np.array([r["truth"] == "real" for r in rows], dtype=bool)
     rating = np.array([r["rating"] for r in rows], dtype=float)
-    out = {"answers": n, "correct": correct, "accuracy": correct / n if n else None,
-           "binomial_p": binomtest(correct, n, 0.5).pvalue if n else None,
-           "auc_rating": _f(roc_auc_score(truth, rating)) if 0 < truth.sum() < n else None,
+    table = [[sum(r["truth"] == t and r["guess"] == g for r in guessed) for g in ("real", "synthetic")] for t in ("real", "synthetic")]
+    out = {"answers": len(rows), "guesses": n, "correct": correct, "accuracy": correct / n if n else None,
+           # Mean of the hit rates on real and on synthetic images: 0.5 for any reader who cannot tell,
+           # whatever the mix and whichever answer they favour.
+           "balanced_accuracy": (table[0][0] / sum(table[0]) + table[1][1] / sum(table[1])) / 2 if all(map(sum, table)) else None,
+           # Against 0.5 only when the images are half real: with another mix, always answering the
+           # majority kind would "beat chance". Fisher's exact test (guess x truth) holds for any mix.
+           "binomial_p": binomtest(correct, n, 0.5).pvalue if n and real_n * 2 == n else None,
+           "fisher_p": _f(fisher_exact(table).pvalue) if n else None,
+           "auc_rating": _f(roc_auc_score(truth, rating)) if 0 < truth.sum() < len(rows) else None,
            "mean_rating_real": _f(rating[truth].mean()) if truth.any() else None,
            "mean_rating_synthetic": _f(rating[~truth].mean()) if (~truth).any() else None}
     if truth.any() and (~truth).any():
@@ -54,15 +66,16 @@ def detection(rows: list[dict]) -> dict:
 
 
 def by_image(rows: list[dict]) -> list[dict]:
-    """One row per image: the readers' mean rating and their majority guess (a tie goes by the mean
-    rating). Readers rate the same images, so pooled answers are not independent; images are."""
+    """One row per image: the readers' mean rating and their majority guess (None on a tie, which
+    then counts for the ratings only). Readers rate the same images, so pooled answers are not
+    independent; images are."""
     out = []
     for item in sorted({r["item"] for r in rows}):
         mine = [r for r in rows if r["item"] == item]
-        rating = float(np.mean([r["rating"] for r in mine]))
         real = sum(r["guess"] == "real" for r in mine)
-        guess = "real" if real * 2 > len(mine) or (real * 2 == len(mine) and rating >= 3) else "synthetic"
-        out.append({"item": item, "truth": mine[0]["truth"], "label": mine[0]["label"], "rating": rating, "guess": guess})
+        guess = "real" if real * 2 > len(mine) else "synthetic" if real * 2 < len(mine) else None
+        out.append({"item": item, "truth": mine[0]["truth"], "label": mine[0]["label"],
+                    "rating": float(np.mean([r["rating"] for r in mine])), "guess": guess})
     return out
 
 

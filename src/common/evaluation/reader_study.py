@@ -71,7 +71,8 @@ def _png(image_u8: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image_u8, mode="L").save(buf, format="PNG", optimize=False)
+    # Uncompressed: a compressed size would tell real from synthetic (AUC 0.72 on the demo's release).
+    Image.fromarray(image_u8, mode="L").save(buf, format="PNG", compress_level=0)
     return buf.getvalue()
 
 
@@ -92,15 +93,35 @@ class Pools:
     real_sites: np.ndarray  # the site of each real image
 
 
-def pools_from_run(run_dir: Path, cfg: ReaderStudyConfig) -> Pools:
-    """The release's images and the consenting sites' held-out images, as the run's config loads them."""
-    from common.data.sites import load_site
-    from server.synthesis import load_synthetic, release_dir
+def released_file(run_dir: Path) -> Path:
+    """The signed release's images: never a staged set the memorisation gate has not passed."""
+    from common.security.signing import VerificationError, check_files
 
+    release = Path(run_dir) / "synthetic"
+    if not (release / "manifest.json").is_file():
+        raise StudyError(f"{release}: no signed release (a staged or refused release never goes to readers; "
+                         "`fedsynth export` signs one once the memorisation gate passes)")
+    try:
+        check_files(release)  # the images are the ones the manifest lists
+    except VerificationError as exc:
+        raise StudyError(f"{release}: {exc}") from None
+    return release / "synthetic.npz"
+
+
+def pools_from_run(run_dir: Path, cfg: ReaderStudyConfig) -> Pools:
+    """The signed release's images and the consenting sites' held-out images, as the run's config loads them.
+
+    Only a simulation's coordinator holds the sites' data; a deployment's real images stay at the
+    hospitals, so a study of a deployment is refused here."""
+    from common.data.sites import load_site
+    from common.reporting.run_folder import read_run
+    from server.synthesis import load_synthetic
+
+    if (kind := read_run(run_dir).kind) != "simulation":
+        raise StudyError(f"{run_dir}: a {kind} run: its sites' real images stay at the hospitals, so this machine "
+                         "cannot draw them (run the study where the consenting sites' data is, e.g. a simulation)")
     run = run_from_dict(json.loads((run_dir / "config.json").read_text()))
-    release = release_dir(run_dir) / "synthetic.npz"
-    if not release.is_file():
-        raise StudyError(f"{release}: no synthetic release in this run folder")
+    release = released_file(run_dir)
     if not cfg.consenting_sites:
         raise StudyError(f"{run_dir / 'config.json'}: reader_study.consenting_sites is empty: "
                          "real images may come only from sites that agreed, and a detection study needs some")
@@ -139,6 +160,8 @@ def create_study(path: Path, pools: Pools, cfg: ReaderStudyConfig, source: dict)
         raise StudyError(f"{path}: a study already exists here; give another --name")
     if len(set(cfg.readers)) != len(cfg.readers) or not cfg.readers:
         raise StudyError(f"reader_study.readers: need distinct reader names, got {cfg.readers}")
+    if stray := sorted(set(pools.real_sites.tolist()) - set(cfg.consenting_sites)):
+        raise StudyError(f"reader_study.consenting_sites: real images from {stray}, which did not agree to show them")
     classes = sorted(set(pools.synthetic_labels.tolist()) | set(pools.real_labels.tolist()))
     n_syn = int(round(cfg.images * cfg.synthetic_fraction))
     # Blinding rests on a secret draw: a public seed would let anyone rebuild the key.
@@ -157,7 +180,7 @@ def create_study(path: Path, pools: Pools, cfg: ReaderStudyConfig, source: dict)
         meta = {"created": time.time(), "config": {"images": cfg.images, "synthetic_fraction": cfg.synthetic_fraction,
                                                     "consenting_sites": list(cfg.consenting_sites)},
                 "source": source, "classes": classes,
-                "real_images_by_site": {s: int(sum(1 for it in items if it[3] == s)) for s in cfg.consenting_sites}}
+                "real_images_by_site": {s: sum(1 for it in items if it[3] == s) for s in sorted({it[3] for it in items if it[3]})}}
         db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.executemany("INSERT INTO items (public_id, png, truth, label, site) VALUES (?, ?, ?, ?, ?)",
                        [(secrets.token_urlsafe(12), _png(img), truth, label, site) for img, truth, label, site in items])
@@ -282,12 +305,12 @@ def create_from_run(run_dir: str | Path, name: str, overrides: dict | None = Non
     path = study_path(run_dir, name)
     pools = pools_from_run(run_dir, cfg)
     from common.runtime import sha256_file
-    from server.synthesis import release_dir
 
-    release = release_dir(run_dir) / "synthetic.npz"
+    release = released_file(run_dir)
     tokens = create_study(path, pools, cfg, {"run": run_dir.name, "release_sha256": sha256_file(release)})
     links = {reader: f"{base_url.rstrip('/')}/r/{token}" for reader, token in tokens.items()}
-    fd = os.open(path.parent / "links.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path.parent / "links.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         f.writelines(f"{reader}\t{link}\n" for reader, link in links.items())
     return path, links
