@@ -24,8 +24,9 @@ setup: $(BIN)/.installed
 # The browser tests drive Debian's chromium through Selenium (tests/web/).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
-	  else echo "make: the browser tests need chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; }
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "make: the browser tests need chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
 demo: setup
 	$(BIN)/fedsynth simulate simulations/demo.yaml

@@ -50,11 +50,11 @@ def synthesize(run: RunConfig, weights: dict[str, torch.Tensor], out_dir: Path, 
     images = gen.sample(labels, seed, run.synthesis.ddim_steps, run.synthesis.batch_size, pick_device())
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path = out_dir / "synthetic.npz"
-    np.savez_compressed(
-        data_path,
-        images=(images.numpy() * 255).round().astype(np.uint8),  # (N, C, S, S)
-        labels=labels.numpy().astype(np.int64),
-    )
+    partial = out_dir / "synthetic.npz.partial"  # readers (the dashboard) never see half a file
+    with open(partial, "wb") as f:
+        np.savez_compressed(f, images=(images.numpy() * 255).round().astype(np.uint8),  # (N, C, S, S)
+                            labels=labels.numpy().astype(np.int64))
+    os.replace(partial, data_path)
     manifest = {
         "files": {data_path.name: sha256_file(data_path)},
         "num_images": int(len(labels)),

@@ -54,8 +54,11 @@ def _mask_demo(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .simulate import evaluate_run, load_run_dir
 
+    from common.reporting.run_folder import write_status
+
     run_dir = Path(args.run_dir).resolve()
     evaluate_run(load_run_dir(run_dir), run_dir)
+    write_status(run_dir, "finished")  # a run that failed in its evaluation is whole again
     print(f"wrote {run_dir / 'report.json'} and {run_dir / 'report.html'}")
 
 
@@ -238,7 +241,7 @@ def _verify(args: argparse.Namespace) -> None:
 def _dashboard(args: argparse.Namespace) -> None:
     from dashboard.serve import serve_dashboard
 
-    serve_dashboard(args.runs, args.host, args.port, args.public_key)
+    serve_dashboard(args.runs, args.host, args.port, args.public_key, args.allowed_host)
 
 
 def _reader_study(args: argparse.Namespace) -> None:
@@ -254,7 +257,7 @@ def _reader_study(args: argparse.Namespace) -> None:
     elif args.action == "serve":
         from dashboard.serve import serve_reader_study
 
-        serve_reader_study(args.target, args.host, args.port)
+        serve_reader_study(args.target, args.host, args.port, args.allowed_host)
     else:
         from common.evaluation.reader_results import write_results
 
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--public-key", default=None, help="the deployment's release_signing.pub, to verify releases "
                    "(default: beside $FEDSYNTH_SIGNING_KEY or certs/release_signing.pem)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a host name the browser may use besides loopback: your reverse proxy's (repeatable)")
     p.set_defaults(func=_dashboard)
 
     p = sub.add_parser("reader-study", help="a blinded reader study of a release: create it, serve it to readers, "
@@ -428,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-url", default="http://127.0.0.1:8060", help="create: the address readers will open")
     p.add_argument("--host", default="127.0.0.1", help="serve: listen address")
     p.add_argument("--port", type=int, default=8060, help="serve: port")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="serve: a host name readers' browsers use besides loopback: your reverse proxy's (repeatable)")
     p.set_defaults(func=_reader_study)
 
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
@@ -34,18 +35,34 @@ def warn(message: str) -> None:
         _log.warning(message)
 
 
-class _Errors(logging.Handler):
-    """An ERROR record (the simulation engine or a site's app crashed) also reaches the terminal:
-    its first line; the traceback stays in the log."""
+# fedsynth's own packages: a warning raised by their code is meant for the user.
+OURS = tuple(str(Path(importlib.import_module(m).__file__).parent) + os.sep for m in ("common", "server", "client", "simulations"))
+# Already on the terminal from the privacy ledger (simulations.progress), whatever process runs the server.
+FROM_LEDGER = re.compile(r"^(Site \S+ declined round|Rejected round \d+ update)")
+
+
+class _ToTerminal(logging.Handler):
+    """Records that must also reach the terminal, by their first line (the rest stays in the log):
+    an ERROR from anywhere (the simulation engine or a site's app crashed), and a WARNING raised by
+    fedsynth's own code (a Python warning or a log line), e.g. an insecure SuperLink, δ ≥ 1/N, a
+    fidelity score of 0, a reply refused for an unregistered node."""
 
     def __init__(self, log: Path):
-        super().__init__(logging.ERROR)
+        super().__init__(logging.WARNING)
         self.log = log
 
     def emit(self, record: logging.LogRecord) -> None:
         first = (record.getMessage().strip().splitlines() or [""])[0]
-        if record.name != _log.name and not first.startswith("Traceback"):
+        if record.name == _log.name or first.startswith("Traceback"):
+            return
+        if record.levelno >= logging.ERROR:
             console.print(f"[bold red]Error:[/] {escape(first)} (details in {self.log})", soft_wrap=True)
+        elif record.name == "py.warnings":  # "file:line: Category: message"
+            file, _, rest = first.partition(":")
+            if file.startswith(OURS):
+                console.print(f"[bold yellow]Warning:[/] {escape(rest.split(': ', 1)[-1])}", soft_wrap=True)
+        elif record.pathname.startswith(OURS) and not FROM_LEDGER.match(first):
+            console.print(f"[bold yellow]Warning:[/] {escape(first)}", soft_wrap=True)
 
 
 @contextmanager
@@ -99,7 +116,7 @@ def _route_logging(path: Path, log_file, undo: ExitStack) -> None:
     flower, root = logging.getLogger("flwr"), logging.getLogger()
     before = root.handlers[:], flower.handlers[:], flower.propagate
     # Flower's own handler writes coloured lines to stderr: the file handler replaces it.
-    errors = _Errors(path)
+    errors = _ToTerminal(path)
     root.handlers, flower.handlers, flower.propagate = [handler, errors], [handler, errors], False
 
     def restore() -> None:

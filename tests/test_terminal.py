@@ -40,6 +40,30 @@ def test_a_warning_that_matters_reaches_the_terminal_and_the_log(tmp_path, capfd
     assert "site hospital_a declined round 2" in (tmp_path / "run.log").read_text()
 
 
+def test_a_warning_raised_by_fedsynths_own_code_reaches_the_terminal_a_librarys_does_not(tmp_path, capfd):
+    from pathlib import Path
+
+    import server
+    import simulations
+
+    ours = str(Path(simulations.__file__).parent / "deploy.py")
+    with output_to_log(tmp_path / "run.log"):
+        warnings.warn_explicit("INSECURE SuperLink: no TLS", UserWarning, filename=ours, lineno=61)
+        warnings.warn_explicit("full backward hook will not fire", UserWarning, filename=torch_file(), lineno=1)
+        record = logging.LogRecord("flwr", logging.WARNING, str(Path(server.__file__).parent / "strategy.py"), 1,
+                                   "Refused a reply from node 7: no site is registered for its key", None, None)
+        logging.getLogger("flwr").handle(record)
+    _, err = capfd.readouterr()
+    assert "Warning: INSECURE SuperLink: no TLS" in err and "Refused a reply from node 7" in err
+    assert "full backward hook" not in err and "full backward hook" in (tmp_path / "run.log").read_text()
+
+
+def torch_file() -> str:
+    import torch
+
+    return torch.__file__
+
+
 def test_an_error_line_reaches_the_terminal_its_traceback_stays_in_the_log(tmp_path, capfd):
     with output_to_log(tmp_path / "run.log"):
         logging.getLogger("flwr").error("An exception occurred !! ClientApp failed")

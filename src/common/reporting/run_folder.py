@@ -8,6 +8,7 @@ is still writing, or was killed mid-write, gives ``problems`` instead of an exce
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -72,19 +73,24 @@ class RunFolder:
 
     @property
     def generator(self) -> str | None:
-        return ((self.config or {}).get("model") or {}).get("name")
+        model = (self.config or {}).get("model")
+        return model.get("name") if isinstance(model, dict) else None
 
     @property
     def sites(self) -> list[str]:
-        return [s.get("name", "?") for s in (self.config or {}).get("sites", []) if isinstance(s, dict)]
+        sites = (self.config or {}).get("sites")
+        return [str(s.get("name", "?")) for s in sites if isinstance(s, dict)] if isinstance(sites, list) else []
 
     @property
     def rounds_total(self) -> int | None:
-        return ((self.config or {}).get("training") or {}).get("rounds")
+        training = (self.config or {}).get("training")
+        rounds = training.get("rounds") if isinstance(training, dict) else None
+        return rounds if isinstance(rounds, int) else None
 
     @property
     def headline(self) -> dict:
-        return (self.report or {}).get("headline") or {}
+        headline = (self.report or {}).get("headline")
+        return headline if isinstance(headline, dict) else {}
 
     @property
     def real_images_allowed(self) -> bool:
@@ -119,18 +125,21 @@ class RunFolder:
                 continue
             hist = [h for h in entry.get("history", []) if isinstance(h, dict)]
             sites[site] = {
-                "epsilon": entry.get("epsilon"), "epsilon_budget": entry.get("epsilon_budget"),
-                "rounds_trained": entry.get("rounds_trained", 0), "declined_rounds": entry.get("declined_rounds", []),
-                "rejected_rounds": entry.get("rejected_rounds", []),
-                "epsilon_by_round": [(h["round"], h["epsilon"]) for h in hist
-                                     if not h.get("declined") and not h.get("rejected") and h.get("epsilon") is not None],
+                "epsilon": _num_or_none(entry.get("epsilon")), "epsilon_budget": _num_or_none(entry.get("epsilon_budget")),
+                "rounds_trained": entry.get("rounds_trained", 0) if _num(entry.get("rounds_trained", 0)) else 0,
+                "declined_rounds": _list(entry.get("declined_rounds")), "rejected_rounds": _list(entry.get("rejected_rounds")),
+                "epsilon_by_round": [(h["round"], h["epsilon"]) for h in hist if _num(h.get("round")) and _num(h.get("epsilon"))
+                                     and not h.get("declined") and not h.get("rejected")],
             }
         for site, entries in self.local_logs().items():
             s = sites.setdefault(site, {"epsilon_by_round": []})
-            s["train_loss_by_round"] = [(e["round"], e["train_loss"]) for e in entries if e.get("kind") == "train" and "train_loss" in e]
-            s["heldout_loss_by_round"] = [(e["round"], e["heldout_loss"]) for e in entries if e.get("kind") == "evaluate" and "heldout_loss" in e]
+            s["train_loss_by_round"] = [(e["round"], e["train_loss"]) for e in entries if isinstance(e, dict)
+                                        and e.get("kind") == "train" and _num(e.get("round")) and _num(e.get("train_loss"))]
+            s["heldout_loss_by_round"] = [(e["round"], e["heldout_loss"]) for e in entries if isinstance(e, dict)
+                                          and e.get("kind") == "evaluate" and _num(e.get("round")) and _num(e.get("heldout_loss"))]
         done = max((r for s in sites.values() for r, _ in s["epsilon_by_round"]), default=0)
-        done = max(done, max((int(p.stem.split("_")[-1]) for p in (self.path / "checkpoints").glob("round_*.pt")), default=0))
+        saved = [p.stem.removeprefix("round_") for p in (self.path / "checkpoints").glob("round_*.pt")]
+        done = max(done, max((int(r) for r in saved if r.isdigit()), default=0))
         return {"rounds_done": done, "rounds_total": self.rounds_total, "sites": sites}
 
     def summary(self) -> dict:
@@ -139,9 +148,22 @@ class RunFolder:
             "name": self.name, "kind": self.kind, "state": self.state, "error": self.error, "problems": self.problems,
             "started": self.started, "generator": self.generator, "sites": self.sites,
             "rounds_total": self.rounds_total,
-            "epsilon": h.get("epsilon") or {s: v["epsilon"] for s, v in self.progress()["sites"].items() if "epsilon" in v},
-            "fup": h.get("fup"), "fidelity_F": h.get("fidelity_F"), "utility_U": h.get("utility_U"), "privacy_P": h.get("privacy_P"),
+            "epsilon": h["epsilon"] if isinstance(h.get("epsilon"), dict) else
+                       {s: v["epsilon"] for s, v in self.progress()["sites"].items() if _num(v.get("epsilon"))},
+            **{k: h.get(k) if _num(h.get(k)) else None for k in ("fup", "fidelity_F", "utility_U", "privacy_P")},
         }
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num_or_none(v):
+    return v if _num(v) else None
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
 
 
 def _kind(path: Path) -> str:
@@ -177,6 +199,7 @@ def read_run(path: str | os.PathLike) -> RunFolder:
         run.report, problem = read_json(path / "report.json")
         if problem:
             run.problems.append(problem)
+        if not isinstance(run.report, dict):
             run.report = None
     status, _ = read_json(path / STATUS)
     status = status if isinstance(status, dict) else {}
@@ -200,5 +223,15 @@ def read_run(path: str | os.PathLike) -> RunFolder:
 def list_runs(root: str | os.PathLike) -> list[RunFolder]:
     """Every run folder directly under ``root``, newest first (hidden caches skipped)."""
     root = Path(root)
-    runs = [read_run(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    runs = [_read_or_flag(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     return sorted(runs, key=lambda r: r.started, reverse=True)
+
+
+def _read_or_flag(path: Path) -> RunFolder:
+    """One damaged folder must not hide the others: it is listed with what is wrong."""
+    try:
+        run = read_run(path)
+        run.summary()
+        return run
+    except Exception as exc:  # noqa: BLE001 (any damage to any file)
+        return RunFolder(path, "unknown", "incomplete", problems=[f"unreadable ({type(exc).__name__}: {exc})"])
