@@ -1,24 +1,23 @@
-"""Figures for the dashboard, rendered with matplotlib to SVG (text stays text, no raster blur)."""
+"""Figures for the dashboard, rendered with matplotlib to SVG (text stays text, no raster blur).
+
+The server draws in worker threads, so figures are plain ``Figure`` objects (no pyplot state
+machine) and the SVG settings are fixed once, not switched per call."""
 
 from __future__ import annotations
 
 import io
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # Text stays <text> in the SVG: selectable, readable by screen readers and by the browser tests.
-SVG_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "fedsynth"}
+matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "fedsynth"})
 
 
-def to_svg(fig) -> str:
+def to_svg(fig: Figure) -> str:
     buf = io.StringIO()
-    with plt.rc_context(SVG_STYLE):
-        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]  # inline: drop the XML prologue and DOCTYPE
 
@@ -31,7 +30,8 @@ def _plain(label: str) -> str:
 def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
            hlines: dict[str, float] | None = None, empty: str = "no data yet") -> str:
     """One line per series over rounds, dashed budget lines, as inline SVG."""
-    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    fig = Figure(figsize=(5.6, 3.2))
+    ax = fig.subplots()
     for label, points in series.items():
         if points:
             xs, ys = zip(*sorted(points))
