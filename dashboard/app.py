@@ -164,10 +164,13 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
                                           status_code=status, headers=headers)
 
     def get_run(name: str) -> RunFolder:
-        path = (root / name).resolve()
-        if path.parent != root or name.startswith(".") or not path.is_dir():
+        path = (root / name).resolve()  # a run folder under root, or one inside a comparison, curve or study
+        hidden = any(part.startswith(".") for part in Path(name).parts)
+        if not path.is_relative_to(root) or path == root or hidden or not path.is_dir():
             raise HTTPException(404, f"No run folder named {name!r} under {root}.")
-        return read_run(path)
+        run = read_run(path)
+        run.key = path.relative_to(root).as_posix()  # its name in URLs
+        return run
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -192,12 +195,12 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
     def api_runs():
         return [r.summary() for r in list_runs(root)]
 
-    @app.get("/api/runs/{name}/progress")
+    @app.get("/api/runs/{name:path}/progress")
     def api_progress(name: str):
         run = get_run(name)
         return {"state": run.state, **run.progress()}
 
-    @app.get("/runs/{name}/convergence/{which}.svg")
+    @app.get("/runs/{name:path}/convergence/{which}.svg")
     def convergence(name: str, which: str):
         run = get_run(name)
         svgs = convergence_svgs(run)
@@ -205,7 +208,60 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
             raise HTTPException(404, f"No plot named {which!r}.")
         return Response(svgs[which], media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
-    @app.get("/runs/{name}", response_class=HTMLResponse)
+    @app.get("/runs/{name:path}/report.html", response_class=HTMLResponse)
+    def static_report(name: str):
+        """The run's own HTML report as fedsynth wrote it (report.html, study.html or curve.html)."""
+        run = get_run(name)
+        if run.kind == "deployment":  # report.html embeds real held-out images beside synthetic ones
+            raise HTTPException(403, "A deployment's report.html shows real images, which stay at the hospitals; "
+                                     "this page shows its synthetic images and aggregate figures.")
+        for file in REPORTS:
+            if (run.path / file).is_file():
+                return HTMLResponse((run.path / file).read_text(encoding="utf-8"))
+        raise HTTPException(404, f"{name} has no HTML report yet.")
+
+    @app.get("/runs/{name:path}/grid/synthetic/{cls}.png")
+    def synthetic_grid(name: str, cls: int):
+        from server.synthesis import release_dir
+
+        from .images import grid_png, synthetic_by_class
+
+        release = release_dir(get_run(name).path) / "synthetic.npz"
+        if not release.is_file():
+            raise HTTPException(404, "This run has no synthetic release yet.")
+        images = synthetic_by_class(release).get(cls)
+        if images is None:
+            raise HTTPException(404, f"No synthetic images of class {cls}.")
+        return Response(grid_png(images), media_type="image/png")
+
+    @app.get("/runs/{name:path}/grid/real/{site}/{cls}.png")
+    def real_grid(name: str, site: str, cls: int):
+        run = get_run(name)
+        if not run.real_images_allowed:
+            raise HTTPException(403, "Real images of a deployment stay at the hospitals: only synthetic images and "
+                                     "aggregate figures are shown.")
+        from .images import grid_png, real_by_site_and_class
+
+        images = real_by_site_and_class(run.path).get(site, {}).get(cls)
+        if images is None:
+            raise HTTPException(404, f"No held-out images of class {cls} at {site}.")
+        return Response(grid_png(images), media_type="image/png")
+
+    @app.get("/runs/{name:path}/reader-studies/{study}", response_class=HTMLResponse)
+    def reader_study_page(request: Request, name: str, study: str):
+        from common.evaluation.reader_results import study_results
+        from common.evaluation.reader_study import study_path
+
+        run = get_run(name)
+        try:
+            path = study_path(run.path, study)
+        except ValueError:
+            raise HTTPException(404, f"No reader study named {study!r}.") from None
+        if not path.is_file():
+            raise HTTPException(404, f"No reader study named {study!r} in {name}.")
+        return page(request, "reader_results.html", run=run, study=study, results=study_results(path))
+
+    @app.get("/runs/{name:path}", response_class=HTMLResponse)  # last: the routes above end in fixed parts
     def run_page(request: Request, name: str):
         run = get_run(name)
         report = run.report or {}
@@ -235,60 +291,8 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
                     privacy_sites=site_rows, privacy_release=release_rows, headline=run.headline,
                     signature=signature_status(run, key) if run.kind in ("simulation", "deployment") else None,
                     gate=gate, gate_problem=gate_problem, studies=studies, live=run.state in ("running", "evaluating"),
+                    children=[c.summary() | {"path": c.path.relative_to(root).as_posix()} for c in run.children()],
                     report_file=None if run.kind == "deployment" else next((f for f in REPORTS if (run.path / f).is_file()), None), study_rows=study_headline(run))
-
-    @app.get("/runs/{name}/report.html", response_class=HTMLResponse)
-    def static_report(name: str):
-        """The run's own HTML report as fedsynth wrote it (report.html, study.html or curve.html)."""
-        run = get_run(name)
-        if run.kind == "deployment":  # report.html embeds real held-out images beside synthetic ones
-            raise HTTPException(403, "A deployment's report.html shows real images, which stay at the hospitals; "
-                                     "this page shows its synthetic images and aggregate figures.")
-        for file in REPORTS:
-            if (run.path / file).is_file():
-                return HTMLResponse((run.path / file).read_text(encoding="utf-8"))
-        raise HTTPException(404, f"{name} has no HTML report yet.")
-
-    @app.get("/runs/{name}/grid/synthetic/{cls}.png")
-    def synthetic_grid(name: str, cls: int):
-        from server.synthesis import release_dir
-
-        from .images import grid_png, synthetic_by_class
-
-        release = release_dir(get_run(name).path) / "synthetic.npz"
-        if not release.is_file():
-            raise HTTPException(404, "This run has no synthetic release yet.")
-        images = synthetic_by_class(release).get(cls)
-        if images is None:
-            raise HTTPException(404, f"No synthetic images of class {cls}.")
-        return Response(grid_png(images), media_type="image/png")
-
-    @app.get("/runs/{name}/grid/real/{site}/{cls}.png")
-    def real_grid(name: str, site: str, cls: int):
-        run = get_run(name)
-        if not run.real_images_allowed:
-            raise HTTPException(403, "Real images of a deployment stay at the hospitals: only synthetic images and "
-                                     "aggregate figures are shown.")
-        from .images import grid_png, real_by_site_and_class
-
-        images = real_by_site_and_class(run.path).get(site, {}).get(cls)
-        if images is None:
-            raise HTTPException(404, f"No held-out images of class {cls} at {site}.")
-        return Response(grid_png(images), media_type="image/png")
-
-    @app.get("/runs/{name}/reader-studies/{study}", response_class=HTMLResponse)
-    def reader_study_page(request: Request, name: str, study: str):
-        from common.evaluation.reader_results import study_results
-        from common.evaluation.reader_study import study_path
-
-        run = get_run(name)
-        try:
-            path = study_path(run.path, study)
-        except ValueError:
-            raise HTTPException(404, f"No reader study named {study!r}.") from None
-        if not path.is_file():
-            raise HTTPException(404, f"No reader study named {study!r} in {name}.")
-        return page(request, "reader_results.html", run=run, study=study, results=study_results(path))
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare(request: Request, run: list[str] = Query(default=[])):
@@ -306,9 +310,9 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
         series = {}
         for r in runs:
             for s, v in r.progress()["sites"].items():
-                series[f"{r.name}: {s}"] = v["epsilon_by_round"]
+                series[f"{r.key}: {s}"] = v["epsilon_by_round"]
         overlay = plots.curves(series, "ε per round, every run and site", "ε")
-        loss_series = {f"{r.name}: {s}": v.get("train_loss_by_round", []) for r in runs for s, v in r.progress()["sites"].items()}
+        loss_series = {f"{r.key}: {s}": v.get("train_loss_by_round", []) for r in runs for s, v in r.progress()["sites"].items()}
         loss = plots.curves(loss_series, "Training loss per round (simulations)", "loss", empty="no local losses (deployments)")
         return page(request, "compare.html", runs=runs, rows=rows, overlay=overlay, loss=loss)
 

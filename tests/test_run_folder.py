@@ -30,6 +30,7 @@ def folder(tmp_path, name: str, files: dict[str, object], dirs: tuple[str, ...] 
     ({"config.json": {}}, ("clients",), "simulation"),  # a run folder from before run_status.json
     ({"study.json": {"headline": []}}, (), "study"),
     ({"curve.json": {"rows": []}}, (), "curve"),
+    ({"config.json": {"base": {}, "epsilons": [1.0, 8.0]}}, (), "curve"),  # a curve still running its conditions
     ({"report.json": {}}, (), "comparison"),
 ])
 def test_only_a_simulation_shows_real_images(tmp_path, files, dirs, kind):
@@ -65,3 +66,15 @@ def test_the_mode_written_first_is_kept_by_later_phases(tmp_path):
     write_status(tmp_path, "running", mode="simulate")
     write_status(tmp_path, "finished")
     assert json.loads((tmp_path / "run_status.json").read_text())["mode"] == "simulate"
+
+
+def test_a_comparison_or_study_knows_the_run_folders_inside_it(tmp_path):
+    compare = folder(tmp_path, "compare", {"report.json": {}})
+    for arm in ("ddpm", "vae"):
+        folder(compare, arm, {"config.json": {}}, ("clients",))
+    study = folder(tmp_path, "study", {"study.json": {"headline": []}})
+    (study / "cells" / "ddpm" / "seed0-fold1").mkdir(parents=True)
+    (study / "cells" / "ddpm" / "seed0-fold1" / "config.json").write_text("{}")
+    assert [c.path.name for c in read_run(compare).children()] == ["ddpm", "vae"]
+    assert [c.path.relative_to(study).as_posix() for c in read_run(study).children()] == ["cells/ddpm/seed0-fold1"]
+    assert read_run(compare / "ddpm").children() == []  # a run is not a container

@@ -132,6 +132,10 @@ def runs_root(tiny_finished_run, tmp_path_factory) -> Path:
     shutil.copy(sim / "config.json", live / "config.json")
     (live / "run_status.json").write_text(json.dumps({"state": "running", "mode": "simulate", "pid": os.getpid(),
                                                           "host": socket.gethostname(), "updated": time.time()}))
+    compare = root / "tiny-compare"  # `fedsynth compare`: its report, and one run folder per generator
+    compare.mkdir()
+    (compare / "report.json").write_text(json.dumps({"rows": []}))
+    shutil.copytree(sim, compare / "ddpm")
     broken = root / "tiny-broken"
     broken.mkdir()
     (broken / "config.json").write_text((sim / "config.json").read_text()[:200])  # killed mid-write

@@ -20,7 +20,8 @@ def loaded(driver, img) -> bool:
 def test_the_run_list_shows_every_run_with_its_status_epsilon_and_fup(browser, dashboard, tiny_finished_run, screenshots):
     browser.get(dashboard.url + "/")
     rows = {r.get_attribute("data-run"): r for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")}
-    assert set(rows) == {tiny_finished_run.name, "tiny-deployment", "tiny-live", "tiny-broken"}
+    assert set(rows) == {tiny_finished_run.name, "tiny-deployment", "tiny-live", "tiny-broken", "tiny-compare"}
+    assert "comparison" in rows["tiny-compare"].text
     done = rows[tiny_finished_run.name]
     assert "finished" in done.find_element(By.CSS_SELECTOR, ".status").text
     report = json.loads((tiny_finished_run / "report.json").read_text())
@@ -49,6 +50,16 @@ def test_a_simulations_page_shows_real_beside_synthetic_curves_tables_release_an
     browser.set_window_size(1280, 1000)
     shoot(browser, screenshots, "dashboard_run", full=False)  # the README's picture: the top of a run's page
     shoot(browser, screenshots, "dashboard_run_full")
+
+
+def test_a_comparisons_page_leads_to_each_of_its_runs(browser, dashboard):
+    browser.get(f"{dashboard.url}/runs/tiny-compare")
+    browser.find_element(By.LINK_TEXT, "tiny-compare/ddpm").click()
+    WebDriverWait(browser, 30).until(EC.text_to_be_present_in_element((By.ID, "run-name"), "tiny-compare/ddpm"))
+    grids = browser.find_elements(By.CSS_SELECTOR, "img.grid")
+    WebDriverWait(browser, 60).until(lambda d: all(loaded(d, g) for g in grids))
+    assert {g.get_attribute("class") for g in grids} == {"grid synthetic", "grid real"}  # a simulation's arm
+    assert browser.find_element(By.CSS_SELECTOR, "#plot-epsilon svg")
 
 
 def test_a_deployments_page_shows_synthetic_images_and_aggregates_only(browser, dashboard):

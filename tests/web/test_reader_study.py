@@ -71,7 +71,9 @@ def answers(db) -> list[tuple]:
 def answer_in_browser(driver, db, reader: str, touch: bool = False) -> None:
     """Rate the image on screen as ``reader`` would, by keyboard (or by tapping on a phone), and wait for the next."""
     current = driver.find_element(By.NAME, "item").get_attribute("value")
-    assert loaded(driver, driver.find_element(By.ID, "item"))
+    WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"  # the key handlers are attached
+        and loaded(d, d.find_element(By.ID, "item")))  # and the image has arrived
     item, truth = truth_of(db, current)
     rating, guess = scripted_answer(reader, item, truth)
     if touch:
@@ -81,7 +83,7 @@ def answer_in_browser(driver, db, reader: str, touch: bool = False) -> None:
     else:
         body = driver.find_element(By.TAG_NAME, "body")
         body.send_keys(str(rating), "r" if guess == "real" else "s", Keys.ENTER)
-    WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException]).until(lambda d: not d.find_elements(By.NAME, "item")
+    WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException]).until(lambda d: not d.find_elements(By.NAME, "item")
                                     or d.find_element(By.NAME, "item").get_attribute("value") != current)
 
 

@@ -62,6 +62,10 @@ class RunFolder:
     report: dict | None = None
     problems: list[str] = field(default_factory=list)
     error: str | None = None
+    key: str = ""  # its name relative to the runs folder (a nested run: "compare-x/ddpm")
+
+    def __post_init__(self):
+        self.key = self.key or self.path.name
 
     @property
     def name(self) -> str:
@@ -142,10 +146,17 @@ class RunFolder:
         done = max(done, max((int(r) for r in saved if r.isdigit()), default=0))
         return {"rounds_done": done, "rounds_total": self.rounds_total, "sites": sites}
 
+    def children(self) -> list[RunFolder]:
+        """The run folders inside a comparison (its arms), a curve (its conditions) or a study (its cells)."""
+        if self.kind not in ("comparison", "curve", "study"):
+            return []
+        found = [p.parent for depth in ("*", "*/*", "*/*/*") for p in self.path.glob(f"{depth}/config.json")]
+        return [_read_or_flag(p) for p in sorted(set(found)) if not any(part.startswith(".") for part in p.relative_to(self.path).parts)]
+
     def summary(self) -> dict:
         h = self.headline
         return {
-            "name": self.name, "kind": self.kind, "state": self.state, "error": self.error, "problems": self.problems,
+            "name": self.name, "key": self.key, "kind": self.kind, "state": self.state, "error": self.error, "problems": self.problems,
             "started": self.started, "generator": self.generator, "sites": self.sites,
             "rounds_total": self.rounds_total,
             "epsilon": h["epsilon"] if isinstance(h.get("epsilon"), dict) else
@@ -169,8 +180,9 @@ def _list(v) -> list:
 def _kind(path: Path) -> str:
     if (path / "study.json").exists() or (path / "study_spec.json").exists():
         return "study"
-    if (path / "curve.json").exists():
-        return "curve"
+    config, _ = read_json(path / "config.json")
+    if (path / "curve.json").exists() or (isinstance(config, dict) and "epsilons" in config and "base" in config):
+        return "curve"  # a privacy curve, finished or still running its conditions
     if (path / "config.json").exists() or (path / "history.json").exists():
         # A simulation only when fedsynth simulated it: its coordinator holds every site's data.
         # Anything else that trained (deploy-local, a launched deployment) is a deployment.
