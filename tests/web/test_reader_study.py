@@ -16,7 +16,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
@@ -24,7 +24,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from ..conftest import REPO
 from .conftest import Server, shoot
-from .test_dashboard import loaded
 
 READERS = ["r1", "r2", "r3"]
 IMAGES = 12
@@ -68,12 +67,16 @@ def answers(db) -> list[tuple]:
                            "ORDER BY r.name, a.item_id").fetchall()
 
 
+# Read in one script call: element handles go stale while the browser moves to the next page.
+ITEM_ON_SCREEN = ("const i = document.getElementById('item'), f = document.querySelector('input[name=item]');"
+                  "return document.readyState === 'complete' && i && f && i.complete && i.naturalWidth > 0 ? f.value : null;")
+NAVIGATING = (StaleElementReferenceException, WebDriverException)
+
+
 def answer_in_browser(driver, db, reader: str, touch: bool = False) -> None:
     """Rate the image on screen as ``reader`` would, by keyboard (or by tapping on a phone), and wait for the next."""
-    current = driver.find_element(By.NAME, "item").get_attribute("value")
-    WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda d: d.execute_script("return document.readyState") == "complete"  # the key handlers are attached
-        and loaded(d, d.find_element(By.ID, "item")))  # and the image has arrived
+    # The page has loaded (its key handlers are attached) and its image has arrived.
+    current = WebDriverWait(driver, 60, ignored_exceptions=NAVIGATING).until(lambda d: d.execute_script(ITEM_ON_SCREEN))
     item, truth = truth_of(db, current)
     rating, guess = scripted_answer(reader, item, truth)
     if touch:
@@ -81,10 +84,9 @@ def answer_in_browser(driver, db, reader: str, touch: bool = False) -> None:
         driver.find_element(By.CSS_SELECTOR, f"input[name=guess][value='{guess}']").find_element(By.XPATH, "..").click()
         driver.find_element(By.ID, "next").click()
     else:
-        body = driver.find_element(By.TAG_NAME, "body")
-        body.send_keys(str(rating), "r" if guess == "real" else "s", Keys.ENTER)
-    WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException]).until(lambda d: not d.find_elements(By.NAME, "item")
-                                    or d.find_element(By.NAME, "item").get_attribute("value") != current)
+        driver.find_element(By.TAG_NAME, "body").send_keys(str(rating), "r" if guess == "real" else "s", Keys.ENTER)
+    WebDriverWait(driver, 60, ignored_exceptions=NAVIGATING).until(
+        lambda d: d.execute_script("const f = document.querySelector('input[name=item]'); return f ? f.value : 'done';") != current)
 
 
 def answer_quickly(url: str, link: str, db, acknowledged: list) -> None:
