@@ -7,7 +7,6 @@ Bound to 127.0.0.1 by default (docs/dashboard.md: behind a hospital's TLS revers
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.reporting.run_folder import RunFolder, list_runs, read_run
+from common.reporting.run_folder import RunFolder, is_number, list_runs, read_run
 
 from . import plots
 from .security import guard
@@ -141,10 +140,6 @@ def study_headline(run: RunFolder) -> list[dict]:
         run.problems.append(problem)
         return []
     return [r for r in (data or {}).get("headline", []) if isinstance(r, dict)]
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 REPORTS = ("report.html", "study.html", "curve.html")
@@ -303,10 +298,10 @@ def create_app(root: str | os.PathLike, public_key: str | os.PathLike | None = N
         rows = []
         for fig in COMPARE_FIGURES:
             vals = [r.headline.get(fig) for r in runs]
-            if not any(_number(v) for v in vals):
+            if not any(is_number(v) for v in vals):
                 continue
             rows.append({"figure": fig, "values": vals,
-                         "diffs": [v - base[fig] if _number(v) and _number(base.get(fig)) else None for v in vals]})
+                         "diffs": [v - base[fig] if is_number(v) and is_number(base.get(fig)) else None for v in vals]})
         series = {}
         for r in runs:
             for s, v in r.progress()["sites"].items():

@@ -117,7 +117,7 @@ def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, P
             report = _train_and_score(run, run_dir, federate, start)
     except ReleaseRefused:  # the run is done; its release is not: gate.json says why
         write_status(run_dir, "finished", release="refused")
-        console.print(f"Dashboard: fedsynth dashboard {run_dir.parent}  ->  {DASHBOARD}/runs/{quote(run_dir.name)}", soft_wrap=True)
+        _dashboard_link(run_dir)
         raise
     except Exception as exc:  # Ctrl-C is left "running": a dead pid reads as interrupted, resumable
         write_status(run_dir, "failed", error=(str(exc).strip().splitlines() or [type(exc).__name__])[0])
@@ -125,8 +125,12 @@ def simulate_run(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, P
         raise
     if report:
         write_status(run_dir, "finished")
-        console.print(f"Dashboard: fedsynth dashboard {run_dir.parent}  ->  {DASHBOARD}/runs/{quote(run_dir.name)}", soft_wrap=True)
+        _dashboard_link(run_dir)
     return report
+
+
+def _dashboard_link(run_dir: Path) -> None:
+    console.print(f"Dashboard: fedsynth dashboard {run_dir.parent}  ->  {DASHBOARD}/runs/{quote(run_dir.name)}", soft_wrap=True)
 
 
 def _train_and_score(run: RunConfig, run_dir: Path, federate: Callable[[RunConfig, Path], None], start: float) -> dict:

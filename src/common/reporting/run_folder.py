@@ -130,17 +130,17 @@ class RunFolder:
             hist = [h for h in entry.get("history", []) if isinstance(h, dict)]
             sites[site] = {
                 "epsilon": _num_or_none(entry.get("epsilon")), "epsilon_budget": _num_or_none(entry.get("epsilon_budget")),
-                "rounds_trained": entry.get("rounds_trained", 0) if _num(entry.get("rounds_trained", 0)) else 0,
+                "rounds_trained": entry.get("rounds_trained", 0) if is_number(entry.get("rounds_trained", 0)) else 0,
                 "declined_rounds": _list(entry.get("declined_rounds")), "rejected_rounds": _list(entry.get("rejected_rounds")),
-                "epsilon_by_round": [(h["round"], h["epsilon"]) for h in hist if _num(h.get("round")) and _num(h.get("epsilon"))
+                "epsilon_by_round": [(h["round"], h["epsilon"]) for h in hist if is_number(h.get("round")) and is_number(h.get("epsilon"))
                                      and not h.get("declined") and not h.get("rejected")],
             }
         for site, entries in self.local_logs().items():
             s = sites.setdefault(site, {"epsilon_by_round": []})
             s["train_loss_by_round"] = [(e["round"], e["train_loss"]) for e in entries if isinstance(e, dict)
-                                        and e.get("kind") == "train" and _num(e.get("round")) and _num(e.get("train_loss"))]
+                                        and e.get("kind") == "train" and is_number(e.get("round")) and is_number(e.get("train_loss"))]
             s["heldout_loss_by_round"] = [(e["round"], e["heldout_loss"]) for e in entries if isinstance(e, dict)
-                                          and e.get("kind") == "evaluate" and _num(e.get("round")) and _num(e.get("heldout_loss"))]
+                                          and e.get("kind") == "evaluate" and is_number(e.get("round")) and is_number(e.get("heldout_loss"))]
         done = max((r for s in sites.values() for r, _ in s["epsilon_by_round"]), default=0)
         saved = [p.stem.removeprefix("round_") for p in (self.path / "checkpoints").glob("round_*.pt")]
         done = max(done, max((int(r) for r in saved if r.isdigit()), default=0))
@@ -160,17 +160,18 @@ class RunFolder:
             "started": self.started, "generator": self.generator, "sites": self.sites,
             "rounds_total": self.rounds_total,
             "epsilon": h["epsilon"] if isinstance(h.get("epsilon"), dict) else
-                       {s: v["epsilon"] for s, v in self.progress()["sites"].items() if _num(v.get("epsilon"))},
-            **{k: h.get(k) if _num(h.get(k)) else None for k in ("fup", "fidelity_F", "utility_U", "privacy_P")},
+                       {s: v["epsilon"] for s, v in self.progress()["sites"].items() if is_number(v.get("epsilon"))},
+            **{k: h.get(k) if is_number(h.get(k)) else None for k in ("fup", "fidelity_F", "utility_U", "privacy_P")},
         }
 
 
-def _num(v) -> bool:
+def is_number(v) -> bool:
+    """A finite int or float (not a bool): a figure that can be shown and compared."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _num_or_none(v):
-    return v if _num(v) else None
+    return v if is_number(v) else None
 
 
 def _list(v) -> list:
