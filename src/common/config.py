@@ -116,7 +116,13 @@ class SiteConfig:
 class PartitionConfig:
     # Dirichlet concentration of the label skew; smaller means more skewed.
     alpha: float = Field(2.0, gt=0)
-    min_per_class: int = Field(20, ge=1)
+    # by_class: each class is split over the sites by Dirichlet(alpha * K * share) (sizes follow
+    # the shares only on average). by_site: each site's size is its share of the pool (at least
+    # min_images), its label mix Dirichlet(alpha * pool prevalence): what many small, skewed
+    # hospitals need, where by_class would leave some sites empty.
+    scheme: Literal["by_class", "by_site"] = "by_class"
+    min_per_class: int = Field(20, ge=0)
+    min_images: int = Field(0, ge=0)  # by_site: the smallest site
     # Cross-validation (fedsynth study): with folds >= 2 each site's held-out set is the fold-th of
     # `folds` label-stratified groups of its units (patients where known), instead of holdout_fraction.
     folds: int = Field(0, ge=0, le=20)
@@ -208,7 +214,39 @@ class FederationConfig:
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
+    # Per-round client sampling: max(fraction x eligible nodes, min_train_nodes) sites train,
+    # drawn from a generator seeded by (run seed, round). The draw is public, so no privacy
+    # amplification is claimed for it: each site's ledger counts only the rounds it trained.
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)  # 0: no evaluate messages
+    min_evaluate_nodes: int | None = Field(None, ge=1)  # None: min_train_nodes
+    # Simulation only (a deployed node refuses them): a sampled site drops out of a round
+    # before touching its data or ledger, or answers late by straggler_delay_s; seeded per
+    # (run seed, round, site).
+    dropout_rate: float = Field(0.0, ge=0, lt=1)
+    straggler_rate: float = Field(0.0, ge=0, le=1)
+    straggler_delay_s: float = Field(0.0, ge=0)
+    # An existing Ray cluster for the simulation ("127.0.0.1:6379", "auto", "ray://host:10001");
+    # None: a local Ray instance started for the run ($RAY_ADDRESS is honoured too).
+    ray_address: str | None = None
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+
+
+@dataclass(config=STRICT)
+class GeneratedSites:
+    """``sites: [{generate: {...}}]``: ``n`` simulated hospitals from one template site YAML
+    (its source, privacy, holdout), named ``<prefix>_000`` ..., with power-law sizes
+    (share of site k proportional to (k+1)^-size_power) and scanner profiles drawn per site,
+    each field uniform in its [low, high]. Label skew is ``partition.alpha``."""
+
+    n: int = Field(ge=1, le=10_000)
+    template: str = Field(min_length=1)
+    prefix: str = Field("site", pattern=r"^[A-Za-z0-9_\-]+$")
+    size_power: float = Field(1.0, ge=0, le=5)
+    seed: int = 0
+    acquisition: dict[Literal["gamma", "contrast", "blur_sigma", "noise_std", "offset"], tuple[float, float]] = field(default_factory=dict)
+    # Budgets given to the sites in turn (site k takes epsilon[k % len]); None: the template's.
+    epsilon: list[float] | None = None
 
 
 @dataclass(config=STRICT)
@@ -473,7 +511,16 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
     site_paths = data.get("sites")
     if not isinstance(site_paths, list) or not site_paths:
         raise ConfigError(f"{path}: sites: expected a non-empty list of site YAML paths")
-    data["sites"] = [load_site(path.parent / p) for p in site_paths]
+    data["sites"] = []
+    for i, entry in enumerate(site_paths):
+        if isinstance(entry, dict) and set(entry) == {"generate"}:
+            from .site_generator import generate_sites  # it builds on this module
+
+            data["sites"] += generate_sites(validate(GeneratedSites, entry["generate"] or {}, Path(f"{path}: sites.{i}.generate")), path)
+        elif isinstance(entry, str):
+            data["sites"].append(load_site(path.parent / entry))
+        else:
+            raise ConfigError(f"{path}: sites.{i}: expected a site YAML path or {{generate: {{n, template, ...}}}}")
     if isinstance(prior := data.get("public_prior"), dict) and isinstance(prior.get("data"), str):
         prior["data"] = load_site(path.parent / prior["data"])
     data["origin"] = str(path)
@@ -502,6 +549,9 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
             f"{path}: federation.min_train_nodes={run.federation.min_train_nodes} exceeds "
             f"the {len(run.training_sites)} training sites"
         )
+    if run.federation.secure_aggregation.enabled and run.federation.fraction_train < 1:
+        raise ConfigError(f"{path}: federation.fraction_train: client sampling is not supported with secure_aggregation "
+                          "(every site takes part in each SecAgg+ round)")
     if run.federation.secure_aggregation.enabled and run.federation.min_train_nodes < 2:
         raise ConfigError(
             f"{path}: federation.secure_aggregation needs federation.min_train_nodes >= 2 "

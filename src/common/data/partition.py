@@ -63,6 +63,54 @@ def label_skewed_partition(
     )
 
 
+def sized_label_skewed_partition(
+    labels: np.ndarray,
+    shares: list[float],
+    alpha: float,
+    seed: int,
+    min_images: int = 0,
+    min_per_class: int = 0,
+) -> list[np.ndarray]:
+    """Split indices into parts whose *sizes* follow ``shares`` and whose label mixes are skewed.
+
+    Part k gets ``min_images`` plus its share of the rest of the pool and a label mix
+    drawn from ``Dirichlet(alpha x pool prevalence)``: size skew and label skew are set
+    independently, as in cross-silo benchmarks with many small hospitals (Li et al. 2022,
+    "Federated learning on non-IID data silos"). Each class is taken first from that mix, at
+    least ``min_per_class`` where the class allows, then the part is filled from whatever is
+    left. Sites are served in a seeded random order, so no site index is always served last.
+    """
+    shares_arr = np.asarray(shares, dtype=float)
+    if (shares_arr <= 0).any():
+        raise ValueError("shares must be positive")
+    n_total, k_sites = len(labels), len(shares_arr)
+    if k_sites * min_images > n_total:
+        raise ValueError(f"{k_sites} sites of at least {min_images} images need {k_sites * min_images}; the pool holds {n_total}: "
+                         "lower partition.min_images or the number of sites")
+    # Every site its floor, then the rest of the pool by share.
+    sizes = min_images + np.floor(shares_arr / shares_arr.sum() * (n_total - k_sites * min_images)).astype(int)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    prevalence = np.array([(labels == c).mean() for c in classes])
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * k_sites
+    for k in rng.permutation(k_sites):
+        mix = rng.dirichlet(alpha * len(classes) * prevalence)
+        want = np.maximum(rng.multinomial(sizes[k], mix), min(min_per_class, sizes[k] // len(classes)))
+        taken = []
+        for c, n in enumerate(want):
+            n = min(int(n), len(pools[c]))
+            taken += pools[c][:n]
+            del pools[c][:n]
+        while len(taken) < sizes[k]:  # a class ran out: fill from the largest that is left
+            c = int(np.argmax([len(p) for p in pools]))
+            taken.append(pools[c].pop())
+        parts[k] = np.sort(np.array(taken[: sizes[k]], dtype=np.int64))
+        for extra in taken[sizes[k]:]:  # min_per_class over-drew: give back
+            pools[int(np.searchsorted(classes, labels[extra]))].append(extra)
+    return parts
+
+
 def holdout_split(n: int, holdout_fraction: float, seed: int, labels: np.ndarray | None = None,
                   folds: int = 0, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded disjoint (train, held-out) index split, stratified by label when given.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, SiteConfig
 from .acquisition import apply_profile
 from .medmnist import DataError, load_splits, locate
-from .partition import content_hashes, first_occurrences, holdout_split, label_skewed_partition
+from .partition import content_hashes, first_occurrences, holdout_split, label_skewed_partition, sized_label_skewed_partition
 from .pseudonym import UNKNOWN_PATIENT
 
 
@@ -114,15 +114,22 @@ def site_indices(run: RunConfig, site: SiteConfig) -> tuple[np.ndarray, np.ndarr
     parts_of = partitioned_sites(run)
     if site.role == "external" or all(s.name != site.name or s.role != site.role for s in parts_of):
         return x, y, np.arange(len(y))
-    parts = label_skewed_partition(
-        y,
-        shares=[s.share for s in parts_of],
-        alpha=run.partition.alpha,
-        seed=run.seed if run.partition.seed is None else run.partition.seed,
-        min_per_class=run.partition.min_per_class,
-    )
+    seed = run.seed if run.partition.seed is None else run.partition.seed
+    cfg = run.partition
+    parts = _partition(*_pool(site), tuple(s.share for s in parts_of), cfg.scheme, cfg.alpha, cfg.min_per_class, cfg.min_images, seed)
     k = [(s.name, s.role) for s in parts_of].index((site.name, site.role))
     return x, y, parts[k]
+
+
+@lru_cache(maxsize=4)
+def _partition(path: str, splits: tuple[str, ...], shares: tuple[float, ...], scheme: str, alpha: float, min_per_class: int,
+               min_images: int, seed: int) -> list[np.ndarray]:
+    """Cached: every site's load (and a simulated node's every round) would otherwise redo the
+    split of the whole pool, O(sites) each, O(sites^2) for a federation's preflight."""
+    _, y = _read(path, splits)
+    if scheme == "by_site":
+        return sized_label_skewed_partition(y, list(shares), alpha, seed, min_images, min_per_class)
+    return label_skewed_partition(y, list(shares), alpha=alpha, seed=seed, min_per_class=min_per_class)
 
 
 def load_site(run: RunConfig, site: SiteConfig) -> SiteData:
