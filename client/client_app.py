@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,6 +117,28 @@ def private_errors(msg: Message, ctxt: Context, call_next) -> Message:
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
+def simulated_fault(run: RunConfig, site: SiteConfig, server_round: int) -> str:
+    """"dropout", "straggler" or "" for this site in this round of a simulation: seeded by
+    (run seed, round, site), so a rerun sees the same faults and a test can replay them."""
+    fed = run.federation
+    rng = random.Random(f"{run.seed}:{server_round}:{site.name}:fault")
+    if rng.random() < fed.dropout_rate:
+        return "dropout"
+    if rng.random() < fed.straggler_rate:
+        return "straggler"
+    return ""
+
+
+def ray_placement() -> dict:
+    """Which Ray node ran this simulated site's round (its local log shows how a cluster spread the work)."""
+    try:
+        import ray
+
+        return {"ray_node": ray.get_runtime_context().get_node_id()} if ray.is_initialized() else {}
+    except Exception:  # noqa: BLE001 - outside a Ray worker there is nothing to record
+        return {}
+
+
 def _metrics(values: dict[str, float]) -> MetricRecord:
     return MetricRecord({k.replace("_", "-"): float(v) for k, v in values.items()})
 
@@ -134,6 +158,11 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
             return Message(RecordDict({"metrics": _metrics({"evaluation_only": 1}), "site": info}), reply_to=msg)
         config = msg.content["config"]
         where = state_dir(site, config, context.node_config)
+        if simulation and (fault := simulated_fault(run, site, int(config["server-round"]))):
+            append_local_log(where, {"round": int(config["server-round"]), "kind": f"simulated_{fault}"})
+            if fault == "dropout":  # unreachable this round: no data read, nothing spent
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="simulated dropout"), reply_to=msg)
+            time.sleep(run.federation.straggler_delay_s)
         if (shipped := str(context.run_config.get("config-sha256", "") or "")):  # what this node trained under
             append_local_log(where, {"round": int(config["server-round"]), "kind": "config", "config_sha256": shipped})
         data = load_site_data(run, site)
@@ -144,7 +173,8 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
             if not run.training.dp and not simulation:
                 raise BudgetExceeded("this node trains only with differential privacy (training.dp is false)")
             result = train_round(
-                run, site, data, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]), where, pick_device()
+                run, site, data, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]), where, pick_device(),
+                note=ray_placement() if simulation else None,
             )
         except PrivacyRefusal as exc:
             info["reason"] = str(exc)

@@ -101,11 +101,13 @@ def train_round(
     state_dir: Path,
     device: torch.device,
     build: Callable[[RunConfig], Generator] | None = None,
+    note: dict | None = None,
 ) -> RoundResult:
     """Train ``run.training.local_steps`` steps from ``global_weights``.
 
     ``build`` makes the model (default: the configured generator); the privacy audit
-    passes its gradient-canary probe so that it exercises this very mechanism.
+    passes its gradient-canary probe so that it exercises this very mechanism. ``note`` is
+    added to the site's local log entry (e.g. which Ray node ran a simulated site's round).
 
     Raises :class:`~common.privacy.PrivacyRefusal` *before* touching the data when the
     steps would exceed the site's ε budget or its ledger cannot be trusted.
@@ -145,7 +147,7 @@ def train_round(
         warnings.warn(f"site {site.name}: training WITHOUT differential privacy (training.dp = false)", UserWarning)
         loader = DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True)
         losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual=False)
-        return _result(gen, site, state_dir, server_round, losses, {}, {"steps": cfg.local_steps, "trained_parameters": trained})
+        return _result(gen, site, state_dir, server_round, losses, {}, {"steps": cfg.local_steps, "trained_parameters": trained, **(note or {})})
 
     if server_round > cfg.rounds:
         raise BudgetExceeded(f"round {server_round} is past the {cfg.rounds} rounds this site's noise was planned for")
@@ -161,32 +163,43 @@ def train_round(
         rounds_left = max(1, cfg.rounds - server_round + 1)
         sigma = ledger.noise_for_remaining(q, cfg.local_steps, rounds_left)
         ledger.reserve(server_round, sigma, q, cfg.local_steps)  # counted before the first step
-        # Poisson sampling at exactly q, from a secret generator (Opacus' own wrapper would use 1/len(loader)).
-        loader = DPDataLoader(dataset, sample_rate=q, generator=secret_generator("cpu"))
-        with warnings.catch_warnings():
-            # "Secure RNG turned off": we pass secret generators for sampling and noise ourselves.
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            engine = PrivacyEngine(accountant=cfg.accountant)
-        private, optimizers[gen.private], loader = engine.make_private(
-            module=private,
-            optimizer=optimizers[gen.private],
-            data_loader=loader,  # already Poisson: left as it is
-            noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=False,
-            noise_generator=secret_generator(device),
-            # Noise multiplicity needs per-sample gradients of the whole wrapper (functorch).
-            grad_sample_mode="functorch" if cfg.noise_multiplicity > 1 else cfg.grad_sample_mode,
-        )
-        optimizers[gen.private].secure_mode = True  # noise as a sum of draws: the floating-point attack fix
-        optimizers[gen.private].expected_batch_size = cfg.batch_size  # normalise by a public constant
+        private, loader = privatize(gen, private, optimizers, dataset, cfg, sigma, q, device)
         virtual = bool(cfg.max_physical_batch_size and cfg.max_physical_batch_size < cfg.batch_size)
         losses = _train_loop(gen, private, optimizers, loader, cfg, device, virtual)
         ledger.commit(server_round)
         spent = ledger.spent
     shared = {"epsilon": spent, "epsilon_budget": ledger.epsilon_budget, "delta": ledger.delta}
-    local = {"steps": cfg.local_steps, "noise_multiplier": sigma, "sample_rate": q, "privacy_units": units, "trained_parameters": trained}
+    local = {"steps": cfg.local_steps, "noise_multiplier": sigma, "sample_rate": q, "privacy_units": units, "trained_parameters": trained,
+             **(note or {})}
     return _result(gen, site, state_dir, server_round, losses, shared, local)
+
+
+def privatize(gen: Generator, private: torch.nn.Module, optimizers: dict, dataset: Dataset, cfg, sigma: float, q: float,
+              device: torch.device) -> tuple[torch.nn.Module, DataLoader]:
+    """Opacus' DP-SGD around the private module: Poisson sampling at exactly ``q`` and Gaussian
+    noise ``sigma x C``, both from secret generators, per-sample clipping at C. Replaces
+    ``optimizers[gen.private]`` with the DP optimizer; returns the wrapped module and the loader.
+    The benchmark (benchmarks/generators.py) times this very function."""
+    # Poisson sampling at exactly q, from a secret generator (Opacus' own wrapper would use 1/len(loader)).
+    loader = DPDataLoader(dataset, sample_rate=q, generator=secret_generator("cpu"))
+    with warnings.catch_warnings():
+        # "Secure RNG turned off": we pass secret generators for sampling and noise ourselves.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=cfg.accountant)
+    private, optimizers[gen.private], loader = engine.make_private(
+        module=private,
+        optimizer=optimizers[gen.private],
+        data_loader=loader,  # already Poisson: left as it is
+        noise_multiplier=sigma,
+        max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=False,
+        noise_generator=secret_generator(device),
+        # Noise multiplicity needs per-sample gradients of the whole wrapper (functorch).
+        grad_sample_mode="functorch" if cfg.noise_multiplicity > 1 else cfg.grad_sample_mode,
+    )
+    optimizers[gen.private].secure_mode = True  # noise as a sum of draws: the floating-point attack fix
+    optimizers[gen.private].expected_batch_size = cfg.batch_size  # normalise by a public constant
+    return private, loader
 
 
 def _train_loop(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list[float]:

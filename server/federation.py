@@ -62,10 +62,11 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context, regist
         round_offset=done,
         registry=registry,
         ema_decay=run.federation.ema_decay,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
+        sampling_seed=run.seed,
+        fraction_train=run.federation.fraction_train,
+        fraction_evaluate=run.federation.fraction_evaluate,
         min_train_nodes=run.federation.min_train_nodes,
-        min_evaluate_nodes=run.federation.min_train_nodes,
+        min_evaluate_nodes=run.federation.min_evaluate_nodes or run.federation.min_train_nodes,
         min_available_nodes=min(n_sites, run.federation.min_train_nodes),
     )
     strategy.ema = ema

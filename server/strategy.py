@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
@@ -53,7 +55,7 @@ class LedgerFedAvg(FedAvg):
     """
 
     def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0,
-                 registry: dict[int, str] | None = None, **kwargs):
+                 registry: dict[int, str] | None = None, sampling_seed: int = 0, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", site_count)
         kwargs.setdefault("evaluate_metrics_aggr_fn", site_count)
         kwargs.setdefault("weighted_by_key", WEIGHT_KEY)
@@ -70,6 +72,8 @@ class LedgerFedAvg(FedAvg):
             self.history = {**self.history, **json.loads((run_dir / "history.json").read_text())}
         self.evaluation_only: dict[int, str] = {}  # node id -> site
         self.registry = registry  # node id -> site, from the coordinator's registration (None: a simulation)
+        self.sampling_seed = sampling_seed
+        self.round_started: dict[int, float] = {}
 
     def registered(self, node_id: int) -> bool:
         return self.registry is None or node_id in self.registry
@@ -86,21 +90,49 @@ class LedgerFedAvg(FedAvg):
             return None
         return bound
 
+    def sample(self, grid, server_round: int, fraction: float, minimum: int, train: bool) -> list[int]:
+        """This round's nodes: max(fraction x eligible, minimum) of the eligible ones, drawn from a
+        generator seeded by (sampling seed, round, train/evaluate), so a run's draws are repeatable
+        (Flower's own draw uses the process-global ``random``). Evaluation-only nodes are never
+        drawn to train, and in a deployment only registered nodes are drawn."""
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.min_available_nodes:
+                break
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d)", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        eligible = [n for n in nodes if self.registered(n) and not (train and n in self.evaluation_only)]
+        size = min(len(eligible), max(int(len(eligible) * fraction), minimum))
+        rng = random.Random(f"{self.sampling_seed}:{server_round}:{'train' if train else 'evaluate'}")
+        chosen = sorted(rng.sample(eligible, size))
+        log(INFO, "Round %d: %d of %d nodes sampled to %s", server_round, len(chosen), len(nodes), "train" if train else "evaluate")
+        return chosen
+
     def configure_train(self, server_round, arrays, config, grid):
         self.current = arrays.to_torch_state_dict()  # what every update must match
-        msgs = super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        return [m for m in msgs if m.metadata.dst_node_id not in self.evaluation_only and self.registered(m.metadata.dst_node_id)]
+        server_round += self.round_offset
+        self.round_started[server_round] = time.time()
+        nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, train=True)
+        config["server-round"] = server_round
+        self.history.setdefault("sampled", []).append({"round": server_round, "nodes": len(nodes), "of": len(list(grid.get_node_ids()))})
+        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        msgs = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-        return [m for m in msgs if self.registered(m.metadata.dst_node_id)]
+        if self.fraction_evaluate == 0.0:
+            return []
+        server_round += self.round_offset
+        nodes = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, train=False)
+        config["server-round"] = server_round
+        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.EVALUATE)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        accepted = []
+        accepted, failed = [], 0
+        replies = list(replies)
         for msg in replies:
             if msg.has_error():
                 accepted.append(msg)  # FedAvg logs and drops it
+                failed += 1
                 continue
             content = msg.content
             try:  # a reply without the expected records is refused, never a crash of the ServerApp
@@ -116,6 +148,9 @@ class LedgerFedAvg(FedAvg):
             update = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
             if self.admit(server_round, msg.metadata.src_node_id, site, metrics, reason, update, unit):
                 accepted.append(msg)
+        for entry in self.history.get("sampled", [])[-1:]:
+            if entry["round"] == server_round:  # sent, answered, and failed or dropped out
+                entry.update(replies=len(replies), failed=failed)
         arrays, metrics = super().aggregate_train(server_round, accepted)
         self.finish_round(server_round, arrays)
         return arrays, metrics
@@ -148,6 +183,10 @@ class LedgerFedAvg(FedAvg):
         return True
 
     def finish_round(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        if server_round in self.round_started:  # wall time of the round's train phase (scaling benchmark)
+            now = time.time()
+            self.history.setdefault("timing", []).append(
+                {"round": server_round, "start": self.round_started[server_round], "end": now, "seconds": now - self.round_started[server_round]})
         if arrays is not None:
             self.update_ema(arrays)
             self.checkpoint(server_round, arrays)

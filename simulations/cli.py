@@ -19,9 +19,9 @@ def _simulate(args: argparse.Namespace) -> None:
     from .simulate import resume, simulate
 
     if args.resume:
-        resume(args.resume)
+        resume(args.resume, ray_address=args.ray_address)
     elif args.config:
-        simulate(args.config, args.profile, args.output_dir)
+        simulate(args.config, args.profile, args.output_dir, ray_address=args.ray_address)
     else:
         raise ConfigError("simulate: give a simulation YAML, or --resume RUN_DIR")
 
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick", help="'quick' (default) or a profile named in the YAML, e.g. 'full'")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a paused or interrupted run from its last checkpoint")
     p.add_argument("--output-dir", default=None, help="where run folders go (default: the YAML's output_dir)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run the simulated sites on an existing Ray cluster (e.g. 10.0.0.5:6379; docs/scaling.md)")
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("deploy-local", help="run a federation as real processes on this machine (SuperLink + one "

@@ -41,7 +41,8 @@ def _subsample(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tu
 
 def worst_site_budget(ledger: dict, train_names: list[str]) -> tuple[float | None, float | None]:
     """(epsilon, delta) of the site with the largest epsilon; (None, None) when any site trained without DP."""
-    spent = [ledger.get(n, {}) for n in train_names]
+    # A site absent from the ledger was never sampled, or dropped out, or failed: it sent nothing.
+    spent = [ledger[n] for n in train_names if n in ledger]
     if not spent or any(p.get("epsilon") is None for p in spent):
         return None, None
     worst = max(spent, key=lambda p: p["epsilon"])
@@ -149,9 +150,11 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
         mi = attack_metrics(member, nonmember, resamples=ev.attack.bootstrap, seed=run.seed)
         spent = ledger.get(name, {})
         site_cfg = next(c for c in run.training_sites if c.name == name)
-        audit = audit_site(run, site_cfg, s, ev.audit.canaries, run.seed, device) if ev.audit.enabled else None
+        # A site that never trained (not sampled, dropped out, declined) released nothing to audit.
+        audit = audit_site(run, site_cfg, s, ev.audit.canaries, run.seed, device) if ev.audit.enabled and spent.get("rounds_trained") else None
         privacy["sites"][name] = {
-            "epsilon": spent.get("epsilon"),  # None: trained without DP
+            # None: trained without DP; 0: never trained in this run (not sampled, dropped out).
+            "epsilon": spent.get("epsilon") if name in ledger else 0.0,
             "delta": spent.get("delta"),
             "epsilon_budget": spent.get("epsilon_budget"),
             "accountant": run.training.accountant if run.training.dp else None,

@@ -24,6 +24,7 @@ from common.reporting.run_folder import read_run
 
 from .terminal import console, warn
 
+MAX_ROWS = 12  # a federation of 100 sites lists its 12 most recently active ones
 WEAK_EPSILON = 10.0  # above this a budget promises little (common.privacy.accounting warns the same)
 
 
@@ -85,7 +86,9 @@ class FederationProgress:
         table = Table(box=None, padding=(0, 1), pad_edge=False)
         for name, justify in (("site", "left"), ("rounds", "right"), ("loss", "right"), ("ε / budget", "right"), ("", "left"), ("", "left")):
             table.add_column(name, justify=justify, header_style="bold")
-        for site, configured in self.sites.items():
+        shown, hidden = self.rows()
+        for site in shown:
+            configured = self.sites[site]
             s = self.progress["sites"].get(site, {})
             trained, eps, budget = s.get("rounds_trained", 0), s.get("epsilon"), s.get("epsilon_budget") or configured
             losses = s.get("train_loss_by_round") or []
@@ -98,7 +101,26 @@ class FederationProgress:
             notes = [f"{what} {s[key]}" for what, key in (("declined", "declined_rounds"), ("rejected", "rejected_rounds")) if s.get(key)]
             table.add_row(site, f"{trained}/{self.rounds}", f"{losses[-1][1]:.4f}" if losses else "-", privacy, bar,
                           f"[yellow]{', '.join(notes)}[/]")
+        if hidden:
+            trained = sum(1 for h in hidden if self.progress["sites"].get(h, {}).get("rounds_trained"))
+            table.add_row(f"[dim]+ {len(hidden)} more[/]", f"[dim]{trained} trained[/]", "", "", "", "")
         return Group(self.bar, table)
+
+    def rows(self) -> tuple[list[str], list[str]]:
+        """Sites to list, and the rest (summed in one line): with many sites, the ones that
+        have trained, the latest first, and those with a decline or rejection."""
+        if len(self.sites) <= MAX_ROWS:
+            return list(self.sites), []
+        sites = self.progress["sites"]
+
+        def latest(name: str) -> tuple:
+            s = sites.get(name, {})
+            rounds = [r for r, _ in s.get("train_loss_by_round") or []]
+            flagged = bool(s.get("declined_rounds") or s.get("rejected_rounds"))
+            return (flagged, max(rounds, default=0), s.get("rounds_trained", 0))
+
+        order = sorted(self.sites, key=latest, reverse=True)
+        return order[:MAX_ROWS], order[MAX_ROWS:]
 
     def _follow(self) -> None:
         while not self._stop.wait(self.interval):

@@ -32,6 +32,16 @@ def _eps(e: float | None) -> str:
     return "inf (no DP)" if e is None else f"{e:.2f}"
 
 
+def _eps_line(eps: dict[str, float | None], limit: int = 6) -> str:
+    """Per site; with many sites, the largest and how many trained (the report lists them all)."""
+    if len(eps) <= limit:
+        return ", ".join(f"{s}={_eps(e)}" for s, e in eps.items())
+    if any(e is None for e in eps.values()):
+        return f"inf (no DP) at {sum(e is None for e in eps.values())} of {len(eps)} sites"
+    worst = max(eps, key=lambda s: eps[s])
+    return f"max {worst}={_eps(eps[worst])}; {sum(e > 0 for e in eps.values())} of {len(eps)} sites trained"
+
+
 def new_run_dir(run: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(run.output_dir).expanduser().resolve()
@@ -59,12 +69,43 @@ def run_federation(run: RunConfig, run_dir: Path) -> None:
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": logging.ERROR},
     }
+    if (address := fed.ray_address or os.environ.get("RAY_ADDRESS")):
+        connect_ray_cluster(address)  # Flower then uses this connection instead of starting Ray
     run_simulation(
         server_app=make_server_app(lambda _ctx: run, lambda _ctx, _run: run_dir),
         client_app=make_client_app(lambda _ctx: run, simulation=True),
         num_supernodes=len(run.training_sites),
         backend_config=backend_config,
     )
+
+
+# What a worker of an existing cluster needs from this driver: it inherits the environment of
+# its own `ray start`, not ours.
+RAY_WORKER_ENV = ("FEDSYNTH_DATA_DIR", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "RAY_DEDUP_LOGS")
+
+
+def connect_ray_cluster(address: str) -> dict:
+    """Join an existing Ray cluster (``ray start --head`` elsewhere) as the simulation's driver.
+
+    Its size is the cluster's, not this machine's: Flower makes one actor per
+    ``num_cpus_per_client`` CPUs of each node. Workers get this checkout on their PYTHONPATH
+    and the data location from here; the code, Python and Ray versions and the data paths must
+    be the same on every node (docs/scaling.md). Returns the cluster's resources."""
+    import sys
+
+    import ray
+
+    env = {k: os.environ[k] for k in RAY_WORKER_ENV if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False, logging_level=logging.ERROR)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    resources = {"address": address, "nodes": len(nodes), "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
+                 "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes)}
+    logging.getLogger("fedsynth").info("Ray cluster %s: %d node(s), %g CPU(s), %g GPU(s)", address, resources["nodes"],
+                                       resources["cpus"], resources["gpus"])
+    return resources
 
 
 def evaluate_run(run: RunConfig, run_dir: Path, wall_start: float | None = None) -> dict:
@@ -157,7 +198,7 @@ def _train_and_score(run: RunConfig, run_dir: Path, federate: Callable[[RunConfi
     console.rule("[bold]Headline")
     console.print(
         f"FID {h['fid']:.3g} | AUC gain (hybrid - real) internal {h['auc_gain_internal']:+.3f}, external {h['auc_gain_external']:+.3f} | "
-        f"MI-AUC max {h['mi_auc_max']:.3f} | eps {', '.join(f'{s}={_eps(e)}' for s, e in h['epsilon'].items())} | FUP {h['fup']:.1f}"
+        f"MI-AUC max {h['mi_auc_max']:.3f} | eps {_eps_line(h['epsilon'])} | FUP {h['fup']:.1f}"
     )
     console.print(f"Wall time {report['run']['wall_time_s']:.0f} s. Reports: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
     gate_and_sign(run, run_dir, report)
@@ -174,8 +215,12 @@ def gate_and_sign(run: RunConfig, run_dir: Path, report: dict, override: str | N
     return result
 
 
-def simulate(config: str, profile: str = "quick", output_dir: str | None = None, federate=run_federation) -> Path:
-    run = load_run(config, profile, overrides={"output_dir": output_dir} if output_dir else None)
+def simulate(config: str, profile: str = "quick", output_dir: str | None = None, federate=run_federation,
+             ray_address: str | None = None) -> Path:
+    overrides = {"output_dir": output_dir} if output_dir else {}
+    if ray_address:
+        overrides["federation"] = {"ray_address": ray_address}
+    run = load_run(config, profile, overrides=overrides or None)
     run_dir = new_run_dir(run)
     simulate_run(run, run_dir, federate)
     return run_dir
@@ -186,10 +231,12 @@ def load_run_dir(run_dir: Path) -> RunConfig:
     return run_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
 
 
-def resume(run_dir: str | Path) -> Path:
-    """Continue a paused or interrupted run from its last checkpoint, with its own config."""
+def resume(run_dir: str | Path, ray_address: str | None = None) -> Path:
+    """Continue a paused or interrupted run from its last checkpoint, with its own config
+    (on another Ray cluster when ``ray_address`` is given)."""
     run_dir = Path(run_dir).resolve()
     run = load_run_dir(run_dir)
-    run = dataclasses.replace(run, federation=dataclasses.replace(run.federation, stop_after_round=None))
+    fed = dataclasses.replace(run.federation, stop_after_round=None, ray_address=ray_address or run.federation.ray_address)
+    run = dataclasses.replace(run, federation=fed)
     simulate_run(run, run_dir)
     return run_dir
