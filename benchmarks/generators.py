@@ -33,7 +33,7 @@ def _data(n: int):
 
 # (model, trainable parameters): what the demo fine-tunes, and every parameter of each generator.
 STEP_ROWS = [("ddpm", "norms,class_embedding"), ("ddpm", "all"), ("vae", "all"), ("gan", "all")]
-MODES = ("hooks", "functorch")
+MODES = ("hooks", "functorch", "bookkeeping")
 
 
 def step_child(name: str, steps: int, batch: int, dp: bool, threads: int, mode: str, trainable: str) -> dict:

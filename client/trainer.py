@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -44,6 +45,7 @@ from common.data import SiteData
 from common.models.finetune import select_trainable
 from common.models.generators import Generator, build_generator
 from common.privacy import LOCAL_LOG, BudgetExceeded, PrivacyLedger, warn_unsafe
+from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
 from common.runtime import seed_everything, write_json
 
 
@@ -182,6 +184,13 @@ def privatize(gen: Generator, private: torch.nn.Module, optimizers: dict, datase
     The benchmark (benchmarks/generators.py) times this very function."""
     # Poisson sampling at exactly q, from a secret generator (Opacus' own wrapper would use 1/len(loader)).
     loader = DPDataLoader(dataset, sample_rate=q, generator=secret_generator("cpu"))
+    if cfg.grad_sample_mode == "bookkeeping" and cfg.noise_multiplicity == 1:
+        private = BookkeepingModule(private)
+        optimizers[gen.private] = BookkeepingDPOptimizer(
+            optimizers[gen.private], private, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+            expected_batch_size=cfg.batch_size, loss_reduction="mean", generator=secret_generator(device))
+        optimizers[gen.private].secure_mode = True  # noise as a sum of draws, as below
+        return private, loader
     with warnings.catch_warnings():
         # "Secure RNG turned off": we pass secret generators for sampling and noise ourselves.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
@@ -240,7 +249,10 @@ def noise_only_step(optimizer) -> None:
     """An empty Poisson batch: the DP optimizer still adds noise and steps, as the accountant assumes."""
     optimizer.zero_grad()
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):  # it reads the clipped sum from p.grad
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
     optimizer.zero_grad()
 

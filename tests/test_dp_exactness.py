@@ -105,3 +105,69 @@ def test_with_no_noise_the_update_is_the_mean_of_clipped_per_example_gradients(n
     opt.step()
     update = before - torch.cat([p.detach().flatten() for p in params])
     assert torch.allclose(update, expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bookkeeping_clips_exactly_in_one_backward(name):
+    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
+
+    module, losses = CASES[name]()
+    per = torch.stack(loop_gradients(module, losses))
+    clip = float(per.norm(dim=1).median())
+    expected = (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
+    wrapped = BookkeepingModule(copy.deepcopy(module))
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten() for p in params])
+    opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
+                                 expected_batch_size=B, loss_reduction="mean")
+    opt.zero_grad()
+    losses(wrapped, torch.arange(B)).mean().backward()
+    assert torch.allclose(wrapped.per_sample_gradient_norms, per.norm(dim=1), rtol=1e-6)
+    opt.step()
+    update = before - torch.cat([p.detach().flatten() for p in params])
+    assert torch.allclose(update, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_bookkeeping_refuses_to_step_on_a_gradient_it_did_not_clip():
+    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
+
+    module, losses = CASES["vae"]()
+    wrapped = BookkeepingModule(copy.deepcopy(module))
+    opt = BookkeepingDPOptimizer(torch.optim.SGD(wrapped.parameters(), lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=1.0,
+                                 expected_batch_size=B, loss_reduction="mean")
+    opt.zero_grad()
+    wrapped.disable_hooks()  # a backward the hooks did not see: autograd's plain, unclipped sum
+    losses(wrapped, torch.arange(B)).mean().backward()
+    with pytest.raises(RuntimeError, match="not clipped per sample"):
+        opt.step()
+
+
+class Unregistered(nn.Module):
+    """A layer with its own parameter and a forward no grad sampler knows (like the audit's probe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 16))
+
+    def forward(self, x):
+        return (x * self.w).sum(1) + (x * self.w).pow(2).sum(1)
+
+
+def test_bookkeeping_covers_a_layer_without_a_grad_sampler_through_functorch():
+    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
+
+    x = torch.rand(B, 16)
+    losses = lambda module, i: module(x[i])  # noqa: E731
+    per = torch.stack(loop_gradients(Unregistered(), losses))
+    clip = float(per.norm(dim=1).median())
+    wrapped = BookkeepingModule(Unregistered())
+    params = list(wrapped.parameters())
+    opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
+                                 expected_batch_size=B, loss_reduction="mean")
+    opt.zero_grad()
+    losses(wrapped, torch.arange(B)).mean().backward()
+    assert torch.allclose(wrapped.per_sample_gradient_norms, per.norm(dim=1), rtol=1e-6)
+    before = params[0].detach().clone()
+    opt.step()
+    expected = (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
+    assert torch.allclose(before - params[0].detach(), expected, rtol=1e-6)

@@ -168,7 +168,10 @@ class TrainingConfig:
     # Only accountants whose ε is an upper bound calibrate and enforce budgets (GDP is an
     # asymptotic approximation that under-reports ε; see common.privacy.accounting).
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "functorch"] = "functorch"
+    # How per-sample gradients are clipped (benchmarks/generators.py step compares them): Opacus'
+    # "hooks" or "functorch", or "bookkeeping" (common.privacy.bookkeeping: one backward, no
+    # per-sample gradients for Linear layers). All three clip exactly (tests/test_dp_exactness.py).
+    grad_sample_mode: Literal["hooks", "functorch", "bookkeeping"] = "functorch"
     # Large expected batches on small memory: Opacus' BatchMemoryManager splits each
     # Poisson batch into physical batches of at most this size (virtual steps).
     max_physical_batch_size: int | None = Field(None, ge=1)

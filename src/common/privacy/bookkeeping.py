@@ -1,0 +1,207 @@
+"""Per-sample clipping in one backward pass ("book-keeping", Bu et al. 2023, ICML, Alg. 1).
+
+Opacus' hooks mode writes every layer's per-sample gradients into a zero-filled buffer, clips
+them in the optimizer with one einsum per parameter, and its ghost mode runs a second backward.
+Here one backward does it all, layer by layer:
+
+* a ``Linear`` layer on (batch, features) inputs never builds per-sample gradients: its
+  per-sample norm is ``||a_i|| ||g_i||`` (the "ghost norm", Goodfellow 2015; Li et al. 2022,
+  eq. 4) and its clipped sum is one matrix product ``(c * g)^T a``;
+* a ``Conv2d`` layer takes the ghost norm too where it is cheaper (low resolution, many
+  channels: :func:`conv_ghost_is_cheaper`), and its clipped sum is one weight gradient with
+  each row's backprop scaled by its clip factor;
+* every other layer gets its per-sample gradients from Opacus' own grad samplers (and ours,
+  :mod:`common.models.dp_layers`), or functorch for a layer with none (as Opacus' hooks mode
+  does), written once and summed with the clip factors.
+
+The clip factor is Opacus' ``c_i = min(1, C / (||g_i|| + 1e-6))`` over all layers at once; the
+clipped sum goes to ``p.grad`` and :class:`BookkeepingDPOptimizer` (Opacus'
+``DPOptimizerFastGradientClipping``) adds the Gaussian noise, scales by the expected batch size
+and handles virtual steps. tests/test_dp_exactness.py checks the norms and the update against a
+loop of single-example backward passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch import nn
+
+
+def conv_ghost_is_cheaper(layer: nn.Conv2d | nn.ConvTranspose2d, positions_of: torch.Tensor) -> bool:
+    """Per layer, the cheaper way to a per-sample norm (Bu et al. 2022, "mixed ghost clipping"):
+    the ghost norm costs about 2 T^2 per example (T positions: a conv's outputs, a transposed
+    conv's inputs), building the gradient p x o (p x o = C_in C_out k^2). Low-resolution, wide
+    layers take the ghost norm; high-resolution ones build the gradient."""
+    positions = positions_of.shape[-1] * positions_of.shape[-2]
+    return 2 * positions**2 < layer.in_channels * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
+
+
+def _trainable(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for p in layer.parameters(recurse=False) if p.requires_grad]
+
+
+class BookkeepingModule(nn.Module):
+    """Wraps the private module: records what each trainable layer needs to clip per example.
+
+    ``loss_reduction="mean"``: the loss is a mean over the batch's rows, as every generator's is;
+    each row is one privacy unit (a Poisson-sampled patient, or a public fake row of the GAN)."""
+
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean"):
+        super().__init__()
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction: {loss_reduction!r}")
+        self._module = module
+        self.loss_reduction = loss_reduction
+        self.hooks_enabled = True
+        self._handles = []
+        self._activations: dict[nn.Module, list[torch.Tensor]] = {}
+        self._records: list[tuple[nn.Module, str, object]] = []
+        self._sq_norms: torch.Tensor | None = None
+        for layer in module.modules():
+            if not _trainable(layer):
+                continue
+            if not self._ghost(layer) and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
+                prepare_layer(layer, batch_first=True)  # as Opacus' hooks mode: functorch for this layer alone
+            self._handles.append(layer.register_forward_hook(self._capture_activations))
+            self._handles.append(layer.register_full_backward_hook(self._capture_backprops))
+
+    @staticmethod
+    def _ghost(layer: nn.Module) -> bool:
+        return type(layer) is nn.Linear
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def disable_hooks(self) -> None:
+        self.hooks_enabled = False
+
+    def enable_hooks(self) -> None:
+        self.hooks_enabled = True
+
+    def _capture_activations(self, layer, inputs, _output) -> None:
+        if self.hooks_enabled and layer.training and torch.is_grad_enabled():
+            self._activations.setdefault(layer, []).append([t.detach() for t in inputs])
+
+    def _capture_backprops(self, layer, _grad_input, grad_output) -> None:
+        if not self.hooks_enabled or not self._activations.get(layer):
+            return
+        inputs, g = self._activations[layer].pop(), grad_output[0].detach()
+        a = inputs[0]
+        n = g.shape[0]
+        if self.loss_reduction == "mean":
+            g = g * n  # the gradient of each row's own loss
+        if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and conv_ghost_is_cheaper(layer, g):
+            cols = F.unfold(a.to(g.dtype), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+            gt = g.flatten(2)  # (n, o, T)
+            sq = torch.zeros(n, dtype=g.dtype, device=g.device)
+            if layer.weight.requires_grad:  # ||sum_t g_t a_t^T||^2 = <A A^T, G G^T> (Li et al. 2022, eq. 6)
+                sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gt.transpose(1, 2), gt)).sum((1, 2))
+            if layer.bias is not None and layer.bias.requires_grad:
+                sq = sq + gt.sum(2).pow(2).sum(1)
+            self._records.append((layer, "ghost_conv", (a, g)))
+        elif type(layer) is nn.ConvTranspose2d and layer.groups == 1 and conv_ghost_is_cheaper(layer, a):
+            # The adjoint of conv2d: positions are the input's, the "inputs" of a position are the
+            # unfolded backprops (common.models.dp_layers.conv_transpose2d_grad_sample).
+            cols = F.unfold(g, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+            at = a.to(g.dtype).flatten(2)  # (n, C_in, T)
+            sq = torch.zeros(n, dtype=g.dtype, device=g.device)
+            if layer.weight.requires_grad:
+                sq = (torch.bmm(at.transpose(1, 2), at) * torch.bmm(cols.transpose(1, 2), cols)).sum((1, 2))
+            if layer.bias is not None and layer.bias.requires_grad:
+                sq = sq + g.sum((2, 3)).pow(2).sum(1)
+            self._records.append((layer, "ghost_conv_transpose", (a, g)))
+        elif self._ghost(layer) and a.dim() == 2:
+            a = a.to(g.dtype)
+            sq = (a * a).sum(1) * (g * g).sum(1) if layer.weight.requires_grad else torch.zeros(n, dtype=g.dtype, device=g.device)
+            if layer.bias is not None and layer.bias.requires_grad:
+                sq = sq + (g * g).sum(1)
+            self._records.append((layer, "ghost", (a, g)))
+        else:
+            # Opacus' sampler for the type (a Linear on (batch, tokens, features) too), else functorch.
+            sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer), ft_compute_per_sample_gradient)
+            per = {p: gs for p, gs in sampler(layer, inputs, g).items() if p.requires_grad}
+            sq = sum(torch.linalg.vector_norm(gs.reshape(n, -1), dim=1) ** 2 for gs in per.values())
+            self._records.append((layer, "instantiated", per))
+        self._sq_norms = sq if self._sq_norms is None else self._sq_norms + sq
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor | None:
+        """Each row's gradient norm over every trainable parameter (before clipping)."""
+        return None if self._sq_norms is None else self._sq_norms.sqrt()
+
+    def clip_into_grad(self, max_grad_norm: float) -> set[int]:
+        """``p.grad`` = the sum over rows of each row's gradient clipped to ``max_grad_norm``.
+        Returns the ids of the parameters written (none when no batch went through)."""
+        written: set[int] = set()
+        if self._sq_norms is None:
+            return written
+        coef = torch.clamp(max_grad_norm / (self.per_sample_gradient_norms + 1e-6), max=1.0)
+        for layer, kind, data in self._records:
+            if kind == "ghost":
+                a, g = data
+                cg = g * coef.to(g.dtype)[:, None]
+                if layer.weight.requires_grad:
+                    layer.weight.grad = (cg.t() @ a).to(layer.weight.dtype)
+                    written.add(id(layer.weight))
+                if layer.bias is not None and layer.bias.requires_grad:
+                    layer.bias.grad = cg.sum(0).to(layer.bias.dtype)
+                    written.add(id(layer.bias))
+            elif kind == "ghost_conv":  # one batched weight gradient with each row's backprop scaled by its factor
+                a, g = data
+                cg = g * coef.to(g.dtype).view(-1, 1, 1, 1)
+                if layer.weight.requires_grad:
+                    layer.weight.grad = torch.nn.grad.conv2d_weight(a.to(g.dtype), layer.weight.shape, cg, layer.stride, layer.padding,
+                                                                    layer.dilation, layer.groups).to(layer.weight.dtype)
+                    written.add(id(layer.weight))
+                if layer.bias is not None and layer.bias.requires_grad:
+                    layer.bias.grad = cg.sum((0, 2, 3)).to(layer.bias.dtype)
+                    written.add(id(layer.bias))
+            elif kind == "ghost_conv_transpose":
+                a, g = data
+                cg = g * coef.to(g.dtype).view(-1, 1, 1, 1)
+                if layer.weight.requires_grad:
+                    layer.weight.grad = torch.nn.grad.conv2d_weight(cg, layer.weight.shape, a.to(g.dtype), layer.stride, layer.padding,
+                                                                    layer.dilation, 1).to(layer.weight.dtype)
+                    written.add(id(layer.weight))
+                if layer.bias is not None and layer.bias.requires_grad:
+                    layer.bias.grad = cg.sum((0, 2, 3)).to(layer.bias.dtype)
+                    written.add(id(layer.bias))
+            else:
+                for p, gs in data.items():
+                    p.grad = torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
+                    written.add(id(p))
+        self.forget()
+        return written
+
+    def forget(self) -> None:
+        """Drop everything recorded (the next batch starts clean)."""
+        self._records, self._sq_norms = [], None
+        self._activations.clear()
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for pre-clipped gradients (noise, scaling, virtual steps), fed by
+    :meth:`BookkeepingModule.clip_into_grad` just before each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, module: BookkeepingModule, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.bookkeeping = module
+
+    def pre_step(self, closure=None):
+        written = self.bookkeeping.clip_into_grad(self.max_grad_norm)
+        for p in self.params:
+            if id(p) in written:
+                continue
+            if p.grad is not None and p.grad.any():  # autograd's unclipped sum must never reach the noise
+                raise RuntimeError("a trainable parameter got a gradient that was not clipped per sample; refusing to step")
+            p.grad = torch.zeros_like(p)  # no row reached it (or an empty Poisson batch): zero, then noise
+        return super().pre_step(closure)
