@@ -9,8 +9,11 @@ computed from them except through the accounted DP-SGD mechanism:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+from collections import OrderedDict
 import random
 import secrets
 import time
@@ -23,6 +26,7 @@ from flwr.common.constant import ErrorCode
 
 from common.appconfig import run_from_context
 from common.config import ConfigError, RunConfig, SiteConfig, load_site, site_state_dir
+from common.data import SiteData
 from common.data import load_site as load_site_data
 from common.privacy import BudgetExceeded, LedgerError, PrivacyRefusal
 from common.runtime import pick_device
@@ -129,6 +133,27 @@ def simulated_fault(run: RunConfig, site: SiteConfig, server_round: int) -> str:
     return ""
 
 
+_SITES: OrderedDict[tuple[str, str], SiteData] = OrderedDict()
+SITE_CACHE_SIZE = 8  # sites whose prepared images a simulation worker keeps between rounds
+
+
+def site_data(run: RunConfig, site: SiteConfig, simulation: bool) -> SiteData:
+    """The site's prepared images. A simulation's worker process (a Ray actor, alive for the whole
+    run) keeps the last few sites it served, keyed by the whole run configuration, so a round does
+    not redo the partition and the scanner profile; a deployed node's ClientApp is a new process
+    per message and always loads."""
+    if not simulation:
+        return load_site_data(run, site)
+    key = (hashlib.sha256(json.dumps(run.to_dict(), sort_keys=True, default=str).encode()).hexdigest(), site.name)
+    if key in _SITES:
+        _SITES.move_to_end(key)
+        return _SITES[key]
+    _SITES[key] = data = load_site_data(run, site)
+    while len(_SITES) > SITE_CACHE_SIZE:
+        _SITES.popitem(last=False)
+    return data
+
+
 def ray_placement() -> dict:
     """Which Ray node ran this simulated site's round (its local log shows how a cluster spread the work)."""
     try:
@@ -165,7 +190,7 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
             time.sleep(run.federation.straggler_delay_s)
         if (shipped := str(context.run_config.get("config-sha256", "") or "")):  # what this node trained under
             append_local_log(where, {"round": int(config["server-round"]), "kind": "config", "config_sha256": shipped})
-        data = load_site_data(run, site)
+        data = site_data(run, site, simulation)
         check_site_data(data)
         # The unit of privacy follows from the site's source: patients where ingestion knows them.
         info = ConfigRecord({"site": site.name, "reason": "", "privacy-unit": data.privacy_unit})
@@ -193,7 +218,7 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
     def evaluate(msg: Message, context: Context) -> Message:
         run = get_run(context)
         site = resolve_site(run, context)
-        data = load_site_data(run, site)
+        data = site_data(run, site, simulation)
         loss = heldout_loss(run, data, msg.content["arrays"].to_torch_state_dict(), pick_device())
         # The loss is a function of the site's images: it stays in the site's own log.
         append_local_log(state_dir(site, msg.content["config"], context.node_config),
