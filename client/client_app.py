@@ -144,7 +144,8 @@ def site_data(run: RunConfig, site: SiteConfig, simulation: bool) -> SiteData:
     per message and always loads."""
     if not simulation:
         return load_site_data(run, site)
-    key = (hashlib.sha256(json.dumps(run.to_dict(), sort_keys=True, default=str).encode()).hexdigest(), site.name)
+    where = os.environ.get("FEDSYNTH_DATA_DIR", "")
+    key = (hashlib.sha256(json.dumps([run.to_dict(), where], sort_keys=True, default=str).encode()).hexdigest(), site.name)
     if key in _SITES:
         _SITES.move_to_end(key)
         return _SITES[key]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.validators import ModuleValidator
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -185,6 +186,7 @@ def privatize(gen: Generator, private: torch.nn.Module, optimizers: dict, datase
     # Poisson sampling at exactly q, from a secret generator (Opacus' own wrapper would use 1/len(loader)).
     loader = DPDataLoader(dataset, sample_rate=q, generator=secret_generator("cpu"))
     if cfg.grad_sample_mode == "bookkeeping" and cfg.noise_multiplicity == 1:
+        ModuleValidator.validate(private, strict=True)  # as make_private: no layer that mixes rows (BatchNorm)
         private = BookkeepingModule(private)
         optimizers[gen.private] = BookkeepingDPOptimizer(
             optimizers[gen.private], private, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common.config import RunConfig
+from common.config import RunConfig, site_state_dir
 from common.data import SiteData, load_site
 from common.evaluation.audit import audit_site
 from common.evaluation.release import Pool, ReleaseScorer
@@ -21,6 +21,7 @@ from common.metrics.attacks import attack_metrics
 from common.metrics.fidelity import msssim_diversity
 from common.metrics.utility import real_steps, train_classifier, train_with_synthetic
 from common.models.generators import build_generator
+from common.privacy import PrivacyLedger
 from common.runtime import pick_device, sha256_file
 from client.client_app import SENT_METRICS
 from server.synthesis import load_synthetic, release_dir
@@ -39,10 +40,30 @@ def _subsample(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tu
     return x[idx], y[idx]
 
 
-def worst_site_budget(ledger: dict, train_names: list[str]) -> tuple[float | None, float | None]:
+def known_spend(run: RunConfig, run_dir: Path, ledger: dict, site) -> dict:
+    """What the report may say ``site`` spent: never less than it did.
+
+    The coordinator's ledger holds what replies said; a site whose reply was lost after it
+    committed (a timeout, a straggler, a crash) spent more. So: the larger of the coordinator's
+    figure and the site's own sealed ledger where this machine holds it (a simulation); where it
+    does not (a deployment) and the site never replied, its budget, which its ledger enforces
+    (``epsilon_upper_bound_only``). None: trained without DP."""
+    entry = dict(ledger.get(site.name, {}))
+    if not run.training.dp:
+        return {**entry, "epsilon": None, "delta": None}
+    entry.setdefault("epsilon_budget", site.privacy.epsilon)
+    entry.setdefault("delta", site.privacy.delta)
+    own = (site_state_dir(site) if site.state_dir else run_dir / "clients" / site.name) / "privacy_ledger.json"
+    if own.exists():
+        spent = PrivacyLedger(own, site.privacy.epsilon, site.privacy.delta, run.training.accountant).spent
+        entry["epsilon"] = max(spent, entry.get("epsilon") or 0.0)
+    elif entry.get("epsilon") is None:
+        entry.update(epsilon=site.privacy.epsilon, epsilon_upper_bound_only=True)
+    return entry
+
+
+def worst_site_budget(spent: list[dict]) -> tuple[float | None, float | None]:
     """(epsilon, delta) of the site with the largest epsilon; (None, None) when any site trained without DP."""
-    # A site absent from the ledger was never sampled, or dropped out, or failed: it sent nothing.
-    spent = [ledger[n] for n in train_names if n in ledger]
     if not spent or any(p.get("epsilon") is None for p in spent):
         return None, None
     worst = max(spent, key=lambda p: p["epsilon"])
@@ -99,7 +120,8 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
     pool = Pool.from_sites(sites, train_names, ext_names)
     scorer = ReleaseScorer(run, pool, device)
-    epsilon, delta = worst_site_budget(ledger, train_names)
+    spends = {s.name: known_spend(run, run_dir, ledger, s) for s in run.training_sites}
+    epsilon, delta = worst_site_budget(list(spends.values()))
     scored = scorer.score(syn_x, syn_y, epsilon, delta)
 
     # ------------------------------------------------------------ fidelity
@@ -148,13 +170,14 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
         member = generator.membership_scores(m_x, m_y, run.seed, device)
         nonmember = generator.membership_scores(h_x, h_y, run.seed, device)
         mi = attack_metrics(member, nonmember, resamples=ev.attack.bootstrap, seed=run.seed)
-        spent = ledger.get(name, {})
+        spent = spends[name]
         site_cfg = next(c for c in run.training_sites if c.name == name)
         # A site that never trained (not sampled, dropped out, declined) released nothing to audit.
         audit = audit_site(run, site_cfg, s, ev.audit.canaries, run.seed, device) if ev.audit.enabled and spent.get("rounds_trained") else None
         privacy["sites"][name] = {
-            # None: trained without DP; 0: never trained in this run (not sampled, dropped out).
-            "epsilon": spent.get("epsilon") if name in ledger else 0.0,
+            # None: trained without DP. A site that never trained here shows its own ledger's figure.
+            "epsilon": spent.get("epsilon"),
+            "epsilon_upper_bound_only": bool(spent.get("epsilon_upper_bound_only")),
             "delta": spent.get("delta"),
             "epsilon_budget": spent.get("epsilon_budget"),
             "accountant": run.training.accountant if run.training.dp else None,

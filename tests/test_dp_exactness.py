@@ -171,3 +171,20 @@ def test_bookkeeping_covers_a_layer_without_a_grad_sampler_through_functorch():
     opt.step()
     expected = (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
     assert torch.allclose(before - params[0].detach(), expected, rtol=1e-6)
+
+
+def test_bookkeeping_refuses_a_layer_used_twice_in_one_step():
+    """Two uses of one layer add their per-sample gradients before the norm; summing two norms would under-clip."""
+    from common.privacy.bookkeeping import BookkeepingModule
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x))).sum(1)
+
+    wrapped = BookkeepingModule(Twice())
+    with pytest.raises(RuntimeError, match="used twice"):
+        wrapped(torch.rand(B, 4)).mean().backward()

@@ -72,6 +72,14 @@ def test_sized_partition_follows_the_shares_with_skewed_labels():
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
 
 
+def test_the_sized_partition_keeps_every_class_floor_where_the_pool_allows():
+    labels = np.repeat([0, 1, 2], 3000)
+    for seed in range(20):
+        parts = sized_label_skewed_partition(labels, [1.0] * 10, alpha=0.1, seed=seed, min_per_class=200)
+        assert all(np.bincount(labels[p], minlength=3).min() >= 200 for p in parts)
+        assert [len(p) for p in parts] == [900] * 10
+
+
 def test_a_pool_too_small_for_the_floor_is_refused():
     with pytest.raises(ValueError, match="min_images"):
         sized_label_skewed_partition(LABELS, [1.0] * 100, alpha=1.0, seed=0, min_images=60)
@@ -165,3 +173,27 @@ def test_the_terminal_lists_the_active_sites_of_a_large_federation(shared_data, 
                                "site_007": {"rounds_trained": 1, "train_loss_by_round": [(1, 0.8)]}}}
     shown, hidden = view.rows()
     assert len(shown) == MAX_ROWS and shown[:2] == ["site_042", "site_007"] and len(hidden) == 100 - MAX_ROWS
+
+
+def test_the_report_never_says_a_site_spent_less_than_its_own_ledger(tiny_run, tmp_path, task_identity):
+    """A reply lost after the site committed its round (a timeout, a straggler) leaves the coordinator's
+    ledger short: the report takes the site's own ledger, or its budget where the site's ledger is elsewhere."""
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import make_client_app
+    from simulations.evaluate import known_spend, worst_site_budget
+
+    from .test_federation import _train_message
+
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    make_client_app(lambda _ctx: tiny_run)(_train_message(tiny_run, tmp_path, 1), ctx)
+    a, c = tiny_run.training_sites
+    spent = audit_ledgers(tiny_run, tmp_path)["sites"][a.name]["epsilon"]
+    assert spent > 0
+    lost = known_spend(tiny_run, tmp_path, {}, a)  # the coordinator never heard from it
+    assert lost["epsilon"] == pytest.approx(spent) and not lost.get("epsilon_upper_bound_only")
+    elsewhere = known_spend(tiny_run, tmp_path, {}, c)  # no reply, and its ledger is not on this machine
+    assert elsewhere["epsilon"] == c.privacy.epsilon and elsewhere["epsilon_upper_bound_only"]
+    assert worst_site_budget([lost, elsewhere]) == (max(spent, c.privacy.epsilon), c.privacy.delta)
+    no_dp = dataclasses.replace(tiny_run, training=dataclasses.replace(tiny_run.training, dp=False))
+    assert worst_site_budget([known_spend(no_dp, tmp_path, {}, a)]) == (None, None)

@@ -218,12 +218,14 @@ class FederationConfig:
     num_gpus_per_client: float = Field(0.0, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
     # Per-round client sampling: max(fraction x eligible nodes, min_train_nodes) sites train,
-    # drawn from a generator seeded by (run seed, round). The draw is public, so no privacy
-    # amplification is claimed for it: each site's ledger counts only the rounds it trained.
+    # drawn over the sorted node ids by a generator seeded by (run seed, round) (Flower's
+    # simulation numbers nodes at random, so which sites are drawn differs between reruns; how
+    # many does not). The draw is public, so no privacy amplification is claimed for it: each
+    # site's ledger counts only the rounds it trained.
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)  # 0: no evaluate messages
     min_evaluate_nodes: int | None = Field(None, ge=1)  # None: min_train_nodes
-    # Simulation only (a deployed node refuses them): a sampled site drops out of a round
+    # Simulation only (a deployed node ignores them): a sampled site drops out of a round
     # before touching its data or ledger, or answers late by straggler_delay_s; seeded per
     # (run seed, round, site).
     dropout_rate: float = Field(0.0, ge=0, lt=1)

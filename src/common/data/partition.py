@@ -77,8 +77,9 @@ def sized_label_skewed_partition(
     drawn from ``Dirichlet(alpha x pool prevalence)``: size skew and label skew are set
     independently, as in cross-silo benchmarks with many small hospitals (Li et al. 2022,
     "Federated learning on non-IID data silos"). Each class is taken first from that mix, at
-    least ``min_per_class`` where the class allows, then the part is filled from whatever is
-    left. Sites are served in a seeded random order, so no site index is always served last.
+    least ``min_per_class`` (every site's floor is taken before any site's mix), then the part
+    is filled from whatever is left. Sites are served in a seeded random order, so no site
+    index is always served last.
     """
     shares_arr = np.asarray(shares, dtype=float)
     if (shares_arr <= 0).any():
@@ -93,21 +94,27 @@ def sized_label_skewed_partition(
     classes = np.unique(labels)
     prevalence = np.array([(labels == c).mean() for c in classes])
     pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
-    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * k_sites
-    for k in rng.permutation(k_sites):
-        mix = rng.dirichlet(alpha * len(classes) * prevalence)
-        want = np.maximum(rng.multinomial(sizes[k], mix), min(min_per_class, sizes[k] // len(classes)))
-        taken = []
+    order = rng.permutation(k_sites)
+    mixes = {k: rng.dirichlet(alpha * len(classes) * prevalence) for k in order}
+    taken: dict[int, list[int]] = {k: [] for k in order}
+    # First every site's floor of every class (while the class lasts), so that no site's floor
+    # depends on being served early; then each site's own mix, filled from what is left.
+    for k in order:
+        floor = min(min_per_class, sizes[k] // len(classes))
+        for c in range(len(classes)):
+            n = min(floor, len(pools[c]))
+            taken[k] += pools[c][:n]
+            del pools[c][:n]
+    for k in order:
+        want = rng.multinomial(sizes[k] - len(taken[k]), mixes[k])
         for c, n in enumerate(want):
             n = min(int(n), len(pools[c]))
-            taken += pools[c][:n]
+            taken[k] += pools[c][:n]
             del pools[c][:n]
-        while len(taken) < sizes[k]:  # a class ran out: fill from the largest that is left
+        while len(taken[k]) < sizes[k]:  # a class ran out: fill from the largest that is left
             c = int(np.argmax([len(p) for p in pools]))
-            taken.append(pools[c].pop())
-        parts[k] = np.sort(np.array(taken[: sizes[k]], dtype=np.int64))
-        for extra in taken[sizes[k]:]:  # min_per_class over-drew: give back
-            pools[int(np.searchsorted(classes, labels[extra]))].append(extra)
+            taken[k].append(pools[c].pop())
+    parts = [np.sort(np.array(taken[k], dtype=np.int64)) for k in range(k_sites)]
     return parts
 
 

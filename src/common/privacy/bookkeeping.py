@@ -89,6 +89,9 @@ class BookkeepingModule(nn.Module):
     def _capture_backprops(self, layer, _grad_input, grad_output) -> None:
         if not self.hooks_enabled or not self._activations.get(layer):
             return
+        if any(recorded is layer for recorded, _, _ in self._records):
+            # Two uses of one layer: their per-sample gradients add before the norm (a cross term).
+            raise RuntimeError(f"grad_sample_mode bookkeeping: {type(layer).__name__} is used twice in one step; use hooks")
         inputs, g = self._activations[layer].pop(), grad_output[0].detach()
         a = inputs[0]
         n = g.shape[0]
@@ -172,6 +175,8 @@ class BookkeepingModule(nn.Module):
                     written.add(id(layer.bias))
             else:
                 for p, gs in data.items():
+                    if id(p) in written:  # a parameter shared by two layers: same cross term
+                        raise RuntimeError("grad_sample_mode bookkeeping: a parameter is shared by two layers; use hooks")
                     p.grad = torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
                     written.add(id(p))
         self.forget()
