@@ -40,22 +40,24 @@ def _subsample(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tu
     return x[idx], y[idx]
 
 
-def known_spend(run: RunConfig, run_dir: Path, ledger: dict, site) -> dict:
+def known_spend(run: RunConfig, run_dir: Path, ledger: dict, site, simulated: bool) -> dict:
     """What the report may say ``site`` spent: never less than it did.
 
     The coordinator's ledger holds what replies said; a site whose reply was lost after it
-    committed (a timeout, a straggler, a crash) spent more. So: the larger of the coordinator's
-    figure and the site's own sealed ledger where this machine holds it (a simulation); where it
-    does not (a deployment) and the site never replied, its budget, which its ledger enforces
+    committed (a timeout, a straggler, a crash) spent more. In a simulation this machine holds
+    every site's own sealed ledger: the report takes the larger figure, and a site with no ledger
+    never trained (its ledger is written before its first step). In a deployment a site that
+    never replied is reported at its budget, which its own ledger enforces
     (``epsilon_upper_bound_only``). None: trained without DP."""
     entry = dict(ledger.get(site.name, {}))
     if not run.training.dp:
         return {**entry, "epsilon": None, "delta": None}
     entry.setdefault("epsilon_budget", site.privacy.epsilon)
     entry.setdefault("delta", site.privacy.delta)
-    own = (site_state_dir(site) if site.state_dir else run_dir / "clients" / site.name) / "privacy_ledger.json"
-    if own.exists():
-        spent = PrivacyLedger(own, site.privacy.epsilon, site.privacy.delta, run.training.accountant).spent
+    folder = site_state_dir(site) if site.state_dir else run_dir / "clients" / site.name
+    if simulated:
+        own = folder / "privacy_ledger.json"
+        spent = PrivacyLedger(own, site.privacy.epsilon, site.privacy.delta, run.training.accountant).spent if own.exists() else 0.0
         entry["epsilon"] = max(spent, entry.get("epsilon") or 0.0)
     elif entry.get("epsilon") is None:
         entry.update(epsilon=site.privacy.epsilon, epsilon_upper_bound_only=True)
@@ -120,7 +122,9 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
     pool = Pool.from_sites(sites, train_names, ext_names)
     scorer = ReleaseScorer(run, pool, device)
-    spends = {s.name: known_spend(run, run_dir, ledger, s) for s in run.training_sites}
+    status = json.loads((run_dir / "run_status.json").read_text()) if (run_dir / "run_status.json").exists() else {}
+    simulated = status.get("mode") == "simulate"  # the sites' own folders are in this run folder
+    spends = {s.name: known_spend(run, run_dir, ledger, s, simulated) for s in run.training_sites}
     epsilon, delta = worst_site_budget(list(spends.values()))
     scored = scorer.score(syn_x, syn_y, epsilon, delta)
 

@@ -190,10 +190,11 @@ def test_the_report_never_says_a_site_spent_less_than_its_own_ledger(tiny_run, t
     a, c = tiny_run.training_sites
     spent = audit_ledgers(tiny_run, tmp_path)["sites"][a.name]["epsilon"]
     assert spent > 0
-    lost = known_spend(tiny_run, tmp_path, {}, a)  # the coordinator never heard from it
+    lost = known_spend(tiny_run, tmp_path, {}, a, simulated=True)  # the coordinator never heard from it
     assert lost["epsilon"] == pytest.approx(spent) and not lost.get("epsilon_upper_bound_only")
-    elsewhere = known_spend(tiny_run, tmp_path, {}, c)  # no reply, and its ledger is not on this machine
+    assert known_spend(tiny_run, tmp_path, {}, c, simulated=True)["epsilon"] == 0.0  # no ledger in its folder: never trained
+    elsewhere = known_spend(tiny_run, tmp_path, {}, c, simulated=False)  # a deployment: no reply, its ledger is at the site
     assert elsewhere["epsilon"] == c.privacy.epsilon and elsewhere["epsilon_upper_bound_only"]
     assert worst_site_budget([lost, elsewhere]) == (max(spent, c.privacy.epsilon), c.privacy.delta)
     no_dp = dataclasses.replace(tiny_run, training=dataclasses.replace(tiny_run.training, dp=False))
-    assert worst_site_budget([known_spend(no_dp, tmp_path, {}, a)]) == (None, None)
+    assert worst_site_budget([known_spend(no_dp, tmp_path, {}, a, simulated=True)]) == (None, None)
