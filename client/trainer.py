@@ -224,6 +224,7 @@ def _steps(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list
     losses: list[float] = []
     steps = 0
     private_opt = optimizers[gen.private]
+    bf16 = use_bf16(cfg, device)
     with ExitStack() as stack:
         if virtual:  # one logical (accounted) step = several physical batches
             loader = stack.enter_context(
@@ -242,9 +243,19 @@ def _steps(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list
                 steps += 1
                 continue
             masks = m[0].to(device) if m else None
-            losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
             steps += 0 if getattr(private_opt, "_is_last_step_skipped", False) else 1
     return losses
+
+
+def use_bf16(cfg, device: torch.device) -> bool:
+    """Whether a step runs under bf16 autocast (``training.mixed_precision``); never for Opacus'
+    hooks or functorch under DP, which would clip bf16 per-sample gradients."""
+    safe = not cfg.dp or cfg.grad_sample_mode == "bookkeeping"
+    if cfg.mixed_precision == "bf16":
+        return safe
+    return cfg.mixed_precision == "auto" and safe and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def noise_only_step(optimizer) -> None:

@@ -188,3 +188,46 @@ def test_bookkeeping_refuses_a_layer_used_twice_in_one_step():
     wrapped = BookkeepingModule(Twice())
     with pytest.raises(RuntimeError, match="used twice"):
         wrapped(torch.rand(B, 4)).mean().backward()
+
+
+@pytest.mark.parametrize("name", ["vae", "gan"])
+def test_under_bf16_autocast_bookkeeping_clips_in_fp32(name):
+    """Mixed precision (training.mixed_precision): the step runs in bf16, but the norms that set each row's
+    clip factor, the clipped sum and the noise are fp32; the update stays within bf16 rounding of the fp32 one."""
+    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
+
+    torch.set_default_dtype(torch.float32)
+    module, losses = CASES[name]()
+    clip = 0.5
+
+    def update(bf16: bool):
+        wrapped = BookkeepingModule(copy.deepcopy(module))
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        before = torch.cat([p.detach().flatten() for p in params])
+        opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
+                                     expected_batch_size=B, loss_reduction="mean")
+        opt.zero_grad()
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses(wrapped, torch.arange(B)).mean().backward()
+            norms = wrapped.per_sample_gradient_norms
+            opt.step()
+        assert norms.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in params)
+        return before - torch.cat([p.detach().flatten() for p in params]), norms
+
+    (exact, n32), (mixed, n16) = update(False), update(True)
+    assert torch.allclose(n16, n32, rtol=5e-2)
+    assert (mixed - exact).norm() < 5e-2 * exact.norm()
+
+
+def test_mixed_precision_is_refused_where_it_would_clip_bf16_gradients(shared_data):
+    from client.trainer import use_bf16
+    from common.config import ConfigError, load_run
+
+    from .conftest import TINY
+
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_run(TINY, overrides={"training": {"mixed_precision": "bf16", "grad_sample_mode": "hooks"}})
+    run = load_run(TINY, overrides={"training": {"mixed_precision": "bf16"}})  # bookkeeping: its norms stay fp32
+    assert use_bf16(run.training, torch.device("cpu"))
+    auto = load_run(TINY)
+    assert auto.training.mixed_precision == "auto" and not use_bf16(auto.training, torch.device("cpu"))  # auto: CUDA only

@@ -184,6 +184,10 @@ class TrainingConfig:
     # Off only for the non-private baselines of a simulation; deployed nodes refuse it.
     dp: bool = True
     threads_per_client: int = Field(1, ge=1)
+    # bf16 autocast of each step's forward and backward (a GPU's tensor cores). "auto": on CUDA,
+    # for non-private training and for bookkeeping clipping, whose per-sample norms, clipped sums
+    # and noise stay in fp32 (Opacus' hooks and functorch would clip bf16 gradients: refused).
+    mixed_precision: Literal["auto", "off", "bf16"] = "auto"
 
 
 @dataclass(config=STRICT)
@@ -538,6 +542,9 @@ def load_run(path: str | os.PathLike, profile: str = "quick", overrides: dict[st
                           "(its fake rows per physical batch would depend on the private batch size)")
     check_public_prior(run, path)
     check_trainable(run, path)
+    if run.training.mixed_precision == "bf16" and run.training.dp and run.training.grad_sample_mode != "bookkeeping":
+        raise ConfigError(f"{path}: training.mixed_precision: bf16 under DP needs grad_sample_mode: bookkeeping "
+                          "(the others would clip per-sample gradients computed in bf16)")
     if run.model.adapter_rank and run.model.name != "ddpm":
         raise ConfigError(f"{path}: model.adapter_rank: adapters are implemented for ddpm, not {run.model.name}")
     if any(s.role == "public" for s in run.sites):

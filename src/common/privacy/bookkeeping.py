@@ -89,10 +89,18 @@ class BookkeepingModule(nn.Module):
     def _capture_backprops(self, layer, _grad_input, grad_output) -> None:
         if not self.hooks_enabled or not self._activations.get(layer):
             return
+        with torch.autocast(device_type=grad_output[0].device.type, enabled=False):  # fp32 even inside a bf16 step
+            self._record(layer, grad_output)
+
+    def _record(self, layer, grad_output) -> None:
         if any(recorded is layer for recorded, _, _ in self._records):
             # Two uses of one layer: their per-sample gradients add before the norm (a cross term).
             raise RuntimeError(f"grad_sample_mode bookkeeping: {type(layer).__name__} is used twice in one step; use hooks")
-        inputs, g = self._activations[layer].pop(), grad_output[0].detach()
+        # In fp32 whatever the step's precision (bf16 autocast): the norms that decide each row's
+        # clip factor, the clipped sums and (in the optimizer) the noise.
+        inputs = [t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in self._activations[layer].pop()]
+        g = grad_output[0].detach()
+        g = g if g.dtype == torch.float64 else g.float()
         a = inputs[0]
         n = g.shape[0]
         if self.loss_reduction == "mean":
