@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def alive_nodes(address: str) -> int:
     code = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
@@ -84,7 +84,7 @@ def ray_cluster(shared_data):
 def cluster_run(ray_cluster, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ray-runs")
     done = subprocess.run([str(BIN / "fedsynth"), "simulate", str(MANY_TINY), "--output-dir", str(out), "--ray-address", ray_cluster],
-                          capture_output=True, text=True, timeout=1800, env={**os.environ, "LANG": "C"})
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1800, env={**os.environ, "LANG": "C"})
     run_dir = next(out.glob("many-tiny-*"), None)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\nrun.log: {run_dir and (run_dir / 'run.log')}"
     return run_dir
