@@ -243,15 +243,16 @@ def _steps(gen, private, optimizers, loader, cfg, device, virtual: bool) -> list
                 steps += 1
                 continue
             masks = m[0].to(device) if m else None
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 losses.append(gen.train_step(private, optimizers, x.to(device), y.to(device), masks)["train_loss"])
             steps += 0 if getattr(private_opt, "_is_last_step_skipped", False) else 1
     return losses
 
 
-def use_bf16(cfg, device: torch.device) -> bool:
+def use_bf16(cfg, device: torch.device | str) -> bool:
     """Whether a step runs under bf16 autocast (``training.mixed_precision``); never for Opacus'
     hooks or functorch under DP, which would clip bf16 per-sample gradients."""
+    device = torch.device(device)  # callers pass "cpu" as well as a torch.device
     safe = not cfg.dp or cfg.grad_sample_mode == "bookkeeping"
     if cfg.mixed_precision == "bf16":
         return safe
