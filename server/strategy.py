@@ -90,11 +90,12 @@ class LedgerFedAvg(FedAvg):
             return None
         return bound
 
-    def sample(self, grid, server_round: int, fraction: float, minimum: int, train: bool) -> list[int]:
+    def sample(self, grid, server_round: int, fraction: float, minimum: int, train: bool) -> tuple[list[int], int]:
         """This round's nodes: max(fraction x eligible, minimum) of the eligible ones, drawn from a
         generator seeded by (sampling seed, round, train/evaluate), so a run's draws are repeatable
         (Flower's own draw uses the process-global ``random``). Evaluation-only nodes are never
-        drawn to train, and in a deployment only registered nodes are drawn."""
+        drawn to train, and in a deployment only registered nodes are drawn. Returns (the drawn
+        nodes, how many nodes were connected)."""
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= self.min_available_nodes:
@@ -106,22 +107,22 @@ class LedgerFedAvg(FedAvg):
         rng = random.Random(f"{self.sampling_seed}:{server_round}:{'train' if train else 'evaluate'}")
         chosen = sorted(rng.sample(eligible, size))
         log(INFO, "Round %d: %d of %d nodes sampled to %s", server_round, len(chosen), len(nodes), "train" if train else "evaluate")
-        return chosen
+        return chosen, len(nodes)
 
     def configure_train(self, server_round, arrays, config, grid):
         self.current = arrays.to_torch_state_dict()  # what every update must match
         server_round += self.round_offset
         self.round_started[server_round] = time.time()
-        nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, train=True)
+        nodes, connected = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, train=True)
         config["server-round"] = server_round
-        self.history.setdefault("sampled", []).append({"round": server_round, "nodes": len(nodes), "of": len(list(grid.get_node_ids()))})
+        self.history.setdefault("sampled", []).append({"round": server_round, "nodes": len(nodes), "of": connected})
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         if self.fraction_evaluate == 0.0:
             return []
         server_round += self.round_offset
-        nodes = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, train=False)
+        nodes, _ = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, train=False)
         config["server-round"] = server_round
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.EVALUATE)
 

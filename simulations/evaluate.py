@@ -22,6 +22,7 @@ from common.metrics.fidelity import msssim_diversity
 from common.metrics.utility import real_steps, train_classifier, train_with_synthetic
 from common.models.generators import build_generator
 from common.privacy import PrivacyLedger
+from common.reporting.run_folder import STATUS, read_json
 from common.runtime import pick_device, sha256_file
 from client.client_app import SENT_METRICS
 from server.synthesis import load_synthetic, release_dir
@@ -122,8 +123,8 @@ def evaluate_release(run: RunConfig, run_dir: Path, ratios: list[float] | None =
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
     pool = Pool.from_sites(sites, train_names, ext_names)
     scorer = ReleaseScorer(run, pool, device)
-    status = json.loads((run_dir / "run_status.json").read_text()) if (run_dir / "run_status.json").exists() else {}
-    simulated = status.get("mode") == "simulate"  # the sites' own folders are in this run folder
+    status, _ = read_json(run_dir / STATUS)
+    simulated = isinstance(status, dict) and status.get("mode") == "simulate"  # the sites' own folders are in this run folder
     spends = {s.name: known_spend(run, run_dir, ledger, s, simulated) for s in run.training_sites}
     epsilon, delta = worst_site_budget(list(spends.values()))
     scored = scorer.score(syn_x, syn_y, epsilon, delta)

@@ -74,6 +74,28 @@ def loop_gradients(module, losses) -> list[torch.Tensor]:
     return out
 
 
+def clipped_mean(per: torch.Tensor, clip: float) -> torch.Tensor:
+    """Opacus' update with no noise: mean over rows of g_i min(1, C / (||g_i|| + 1e-6))."""
+    return (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
+
+
+def bookkeeping_step(module, losses, clip: float, bf16: bool = False):
+    """One noise-free bookkeeping step (SGD, lr 1) on a copy of ``module``: (update, per-sample norms, params)."""
+    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
+
+    wrapped = BookkeepingModule(copy.deepcopy(module))
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten() for p in params])
+    opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
+                                 expected_batch_size=B, loss_reduction="mean")
+    opt.zero_grad()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+        losses(wrapped, torch.arange(B)).mean().backward()
+        norms = wrapped.per_sample_gradient_norms
+        opt.step()
+    return before - torch.cat([p.detach().flatten() for p in params]), norms, params
+
+
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_per_sample_gradients_match_a_per_example_loop(name, mode):
@@ -94,8 +116,7 @@ def test_with_no_noise_the_update_is_the_mean_of_clipped_per_example_gradients(n
     module = module.double()
     per = torch.stack(loop_gradients(module, losses))
     clip = float(per.norm(dim=1).median())  # half the examples are clipped
-    # Opacus' clip factor: min(1, C / (||g_i|| + 1e-6)).
-    expected = (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
+    expected = clipped_mean(per, clip)
     wrapped = GradSampleModule(copy.deepcopy(module), batch_first=True, loss_reduction="mean")
     params = [p for p in wrapped.parameters() if p.requires_grad]
     before = torch.cat([p.detach().flatten() for p in params])
@@ -109,23 +130,12 @@ def test_with_no_noise_the_update_is_the_mean_of_clipped_per_example_gradients(n
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bookkeeping_clips_exactly_in_one_backward(name):
-    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
-
     module, losses = CASES[name]()
     per = torch.stack(loop_gradients(module, losses))
     clip = float(per.norm(dim=1).median())
-    expected = (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
-    wrapped = BookkeepingModule(copy.deepcopy(module))
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    before = torch.cat([p.detach().flatten() for p in params])
-    opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
-                                 expected_batch_size=B, loss_reduction="mean")
-    opt.zero_grad()
-    losses(wrapped, torch.arange(B)).mean().backward()
-    assert torch.allclose(wrapped.per_sample_gradient_norms, per.norm(dim=1), rtol=1e-6)
-    opt.step()
-    update = before - torch.cat([p.detach().flatten() for p in params])
-    assert torch.allclose(update, expected, rtol=1e-6, atol=1e-12)
+    update, norms, _ = bookkeeping_step(module, losses, clip)
+    assert torch.allclose(norms, per.norm(dim=1), rtol=1e-6)
+    assert torch.allclose(update, clipped_mean(per, clip), rtol=1e-6, atol=1e-12)
 
 
 def test_bookkeeping_refuses_to_step_on_a_gradient_it_did_not_clip():
@@ -154,23 +164,13 @@ class Unregistered(nn.Module):
 
 
 def test_bookkeeping_covers_a_layer_without_a_grad_sampler_through_functorch():
-    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
-
     x = torch.rand(B, 16)
     losses = lambda module, i: module(x[i])  # noqa: E731
     per = torch.stack(loop_gradients(Unregistered(), losses))
     clip = float(per.norm(dim=1).median())
-    wrapped = BookkeepingModule(Unregistered())
-    params = list(wrapped.parameters())
-    opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
-                                 expected_batch_size=B, loss_reduction="mean")
-    opt.zero_grad()
-    losses(wrapped, torch.arange(B)).mean().backward()
-    assert torch.allclose(wrapped.per_sample_gradient_norms, per.norm(dim=1), rtol=1e-6)
-    before = params[0].detach().clone()
-    opt.step()
-    expected = (per * torch.clamp(clip / (per.norm(dim=1) + 1e-6), max=1.0)[:, None]).sum(0) / B
-    assert torch.allclose(before - params[0].detach(), expected, rtol=1e-6)
+    update, norms, _ = bookkeeping_step(Unregistered(), losses, clip)
+    assert torch.allclose(norms, per.norm(dim=1), rtol=1e-6)
+    assert torch.allclose(update, clipped_mean(per, clip), rtol=1e-6)
 
 
 def test_bookkeeping_refuses_a_layer_used_twice_in_one_step():
@@ -194,27 +194,10 @@ def test_bookkeeping_refuses_a_layer_used_twice_in_one_step():
 def test_under_bf16_autocast_bookkeeping_clips_in_fp32(name):
     """Mixed precision (training.mixed_precision): the step runs in bf16, but the norms that set each row's
     clip factor, the clipped sum and the noise are fp32; the update stays within bf16 rounding of the fp32 one."""
-    from common.privacy.bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
-
     torch.set_default_dtype(torch.float32)
     module, losses = CASES[name]()
-    clip = 0.5
-
-    def update(bf16: bool):
-        wrapped = BookkeepingModule(copy.deepcopy(module))
-        params = [p for p in wrapped.parameters() if p.requires_grad]
-        before = torch.cat([p.detach().flatten() for p in params])
-        opt = BookkeepingDPOptimizer(torch.optim.SGD(params, lr=1.0), wrapped, noise_multiplier=0.0, max_grad_norm=clip,
-                                     expected_batch_size=B, loss_reduction="mean")
-        opt.zero_grad()
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
-            losses(wrapped, torch.arange(B)).mean().backward()
-            norms = wrapped.per_sample_gradient_norms
-            opt.step()
-        assert norms.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in params)
-        return before - torch.cat([p.detach().flatten() for p in params]), norms
-
-    (exact, n32), (mixed, n16) = update(False), update(True)
+    (exact, n32, _), (mixed, n16, params) = (bookkeeping_step(module, losses, 0.5, bf16) for bf16 in (False, True))
+    assert n16.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in params)
     assert torch.allclose(n16, n32, rtol=5e-2)
     assert (mixed - exact).norm() < 5e-2 * exact.norm()
 

@@ -105,13 +105,13 @@ def test_each_round_samples_the_configured_share_reproducibly(tmp_path, task_ide
 
     s = strategy(tmp_path, fraction_train=0.05, min_train_nodes=3)
     grid = Grid(100)
-    draws = [s.sample(grid, r, 0.05, 3, train=True) for r in range(1, 6)]
+    draws = [s.sample(grid, r, 0.05, 3, train=True)[0] for r in range(1, 6)]
     assert all(len(d) == 5 and len(set(d)) == 5 for d in draws)  # max(0.05 x 100, 3)
     assert len({tuple(d) for d in draws}) == 5  # a new draw each round
-    assert draws == [strategy(tmp_path).sample(grid, r, 0.05, 3, train=True) for r in range(1, 6)]  # repeatable
-    assert len(s.sample(Grid(20), 1, 0.05, 3, train=True)) == 3  # the minimum decides
+    assert draws == [strategy(tmp_path).sample(grid, r, 0.05, 3, train=True)[0] for r in range(1, 6)]  # repeatable
+    assert len(s.sample(Grid(20), 1, 0.05, 3, train=True)[0]) == 3  # the minimum decides
     s.evaluation_only = {n: "external" for n in grid.nodes[:98]}
-    assert sorted(s.sample(grid, 1, 0.05, 3, train=True)) == grid.nodes[98:]  # only nodes that train are drawn
+    assert sorted(s.sample(grid, 1, 0.05, 3, train=True)[0]) == grid.nodes[98:]  # only nodes that train are drawn
     s = strategy(tmp_path, fraction_train=0.05, min_train_nodes=3)
     msgs = list(s.configure_train(1, ArrayRecord({}), ConfigRecord({}), Grid(40)))
     assert len(msgs) == 3 and s.history["sampled"][-1] == {"round": 1, "nodes": 3, "of": 40}

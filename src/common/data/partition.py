@@ -23,6 +23,13 @@ def first_occurrences(images: np.ndarray) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
+def _positive(shares: list[float]) -> np.ndarray:
+    arr = np.asarray(shares, dtype=float)
+    if (arr <= 0).any():
+        raise ValueError("shares must be positive")
+    return arr
+
+
 def label_skewed_partition(
     labels: np.ndarray,
     shares: list[float],
@@ -39,9 +46,7 @@ def label_skewed_partition(
     smaller ``alpha`` means stronger skew. Draws are repeated until every part holds
     at least ``min_per_class`` images of every class.
     """
-    shares_arr = np.asarray(shares, dtype=float)
-    if (shares_arr <= 0).any():
-        raise ValueError("shares must be positive")
+    shares_arr = _positive(shares)
     conc = alpha * len(shares_arr) * shares_arr / shares_arr.sum()
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
@@ -81,9 +86,7 @@ def sized_label_skewed_partition(
     is filled from whatever is left. Sites are served in a seeded random order, so no site
     index is always served last.
     """
-    shares_arr = np.asarray(shares, dtype=float)
-    if (shares_arr <= 0).any():
-        raise ValueError("shares must be positive")
+    shares_arr = _positive(shares)
     n_total, k_sites = len(labels), len(shares_arr)
     if k_sites * min_images > n_total:
         raise ValueError(f"{k_sites} sites of at least {min_images} images need {k_sites * min_images}; the pool holds {n_total}: "

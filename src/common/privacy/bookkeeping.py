@@ -64,14 +64,35 @@ class BookkeepingModule(nn.Module):
         for layer in module.modules():
             if not _trainable(layer):
                 continue
-            if not self._ghost(layer) and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
+            if type(layer) is not nn.Linear and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
                 prepare_layer(layer, batch_first=True)  # as Opacus' hooks mode: functorch for this layer alone
             self._handles.append(layer.register_forward_hook(self._capture_activations))
             self._handles.append(layer.register_full_backward_hook(self._capture_backprops))
 
     @staticmethod
-    def _ghost(layer: nn.Module) -> bool:
-        return type(layer) is nn.Linear
+    def _ghost_weight(layer: nn.Module, a: torch.Tensor, g: torch.Tensor):
+        """(per-sample squared norms of the weight's gradient, clipped-sum function of the scaled
+        backprops) for a layer that takes the ghost norm; None for one that builds its gradients."""
+        n = g.shape[0]
+        zero = torch.zeros(n, dtype=g.dtype, device=g.device)
+        if type(layer) is nn.Linear and a.dim() == 2:
+            a = a.to(g.dtype)
+            sq = (a * a).sum(1) * (g * g).sum(1) if layer.weight.requires_grad else zero
+            return sq, lambda cg: cg.t() @ a
+        if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and conv_ghost_is_cheaper(layer, g):
+            # ||sum_t g_t a_t^T||^2 = <A A^T, G G^T> over positions t (Li et al. 2022, eq. 6)
+            cols, gt = F.unfold(a.to(g.dtype), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride), g.flatten(2)
+            sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gt.transpose(1, 2), gt)).sum((1, 2)) if layer.weight.requires_grad else zero
+            return sq, lambda cg: torch.nn.grad.conv2d_weight(a.to(g.dtype), layer.weight.shape, cg, layer.stride, layer.padding,
+                                                              layer.dilation, layer.groups)
+        if type(layer) is nn.ConvTranspose2d and layer.groups == 1 and conv_ghost_is_cheaper(layer, a):
+            # The adjoint of conv2d: positions are the input's, the "inputs" of a position are the
+            # unfolded backprops (common.models.dp_layers.conv_transpose2d_grad_sample).
+            cols, at = F.unfold(g, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride), a.to(g.dtype).flatten(2)
+            sq = (torch.bmm(at.transpose(1, 2), at) * torch.bmm(cols.transpose(1, 2), cols)).sum((1, 2)) if layer.weight.requires_grad else zero
+            return sq, lambda cg: torch.nn.grad.conv2d_weight(cg, layer.weight.shape, a.to(g.dtype), layer.stride, layer.padding,
+                                                              layer.dilation, 1)
+        return None
 
     def forward(self, *args, **kwargs):
         return self._module(*args, **kwargs)
@@ -105,32 +126,12 @@ class BookkeepingModule(nn.Module):
         n = g.shape[0]
         if self.loss_reduction == "mean":
             g = g * n  # the gradient of each row's own loss
-        if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and conv_ghost_is_cheaper(layer, g):
-            cols = F.unfold(a.to(g.dtype), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-            gt = g.flatten(2)  # (n, o, T)
-            sq = torch.zeros(n, dtype=g.dtype, device=g.device)
-            if layer.weight.requires_grad:  # ||sum_t g_t a_t^T||^2 = <A A^T, G G^T> (Li et al. 2022, eq. 6)
-                sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gt.transpose(1, 2), gt)).sum((1, 2))
-            if layer.bias is not None and layer.bias.requires_grad:
-                sq = sq + gt.sum(2).pow(2).sum(1)
-            self._records.append((layer, "ghost_conv", (a, g)))
-        elif type(layer) is nn.ConvTranspose2d and layer.groups == 1 and conv_ghost_is_cheaper(layer, a):
-            # The adjoint of conv2d: positions are the input's, the "inputs" of a position are the
-            # unfolded backprops (common.models.dp_layers.conv_transpose2d_grad_sample).
-            cols = F.unfold(g, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-            at = a.to(g.dtype).flatten(2)  # (n, C_in, T)
-            sq = torch.zeros(n, dtype=g.dtype, device=g.device)
-            if layer.weight.requires_grad:
-                sq = (torch.bmm(at.transpose(1, 2), at) * torch.bmm(cols.transpose(1, 2), cols)).sum((1, 2))
-            if layer.bias is not None and layer.bias.requires_grad:
-                sq = sq + g.sum((2, 3)).pow(2).sum(1)
-            self._records.append((layer, "ghost_conv_transpose", (a, g)))
-        elif self._ghost(layer) and a.dim() == 2:
-            a = a.to(g.dtype)
-            sq = (a * a).sum(1) * (g * g).sum(1) if layer.weight.requires_grad else torch.zeros(n, dtype=g.dtype, device=g.device)
-            if layer.bias is not None and layer.bias.requires_grad:
-                sq = sq + (g * g).sum(1)
-            self._records.append((layer, "ghost", (a, g)))
+        ghost = self._ghost_weight(layer, a, g)
+        if ghost is not None:  # the weight's per-sample squared norms, and its clipped sum from scaled backprops
+            sq, weight_grad = ghost
+            if layer.bias is not None and layer.bias.requires_grad:  # the bias: each row's backprop summed over positions
+                sq = sq + g.reshape(n, g.shape[1], -1).sum(2).pow(2).sum(1)
+            self._records.append((layer, "ghost", (g, weight_grad)))
         else:
             # Opacus' sampler for the type (a Linear on (batch, tokens, features) too), else functorch.
             sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer), ft_compute_per_sample_gradient)
@@ -153,33 +154,13 @@ class BookkeepingModule(nn.Module):
         coef = torch.clamp(max_grad_norm / (self.per_sample_gradient_norms + 1e-6), max=1.0)
         for layer, kind, data in self._records:
             if kind == "ghost":
-                a, g = data
-                cg = g * coef.to(g.dtype)[:, None]
+                g, weight_grad = data
+                cg = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
                 if layer.weight.requires_grad:
-                    layer.weight.grad = (cg.t() @ a).to(layer.weight.dtype)
+                    layer.weight.grad = weight_grad(cg).to(layer.weight.dtype)
                     written.add(id(layer.weight))
                 if layer.bias is not None and layer.bias.requires_grad:
-                    layer.bias.grad = cg.sum(0).to(layer.bias.dtype)
-                    written.add(id(layer.bias))
-            elif kind == "ghost_conv":  # one batched weight gradient with each row's backprop scaled by its factor
-                a, g = data
-                cg = g * coef.to(g.dtype).view(-1, 1, 1, 1)
-                if layer.weight.requires_grad:
-                    layer.weight.grad = torch.nn.grad.conv2d_weight(a.to(g.dtype), layer.weight.shape, cg, layer.stride, layer.padding,
-                                                                    layer.dilation, layer.groups).to(layer.weight.dtype)
-                    written.add(id(layer.weight))
-                if layer.bias is not None and layer.bias.requires_grad:
-                    layer.bias.grad = cg.sum((0, 2, 3)).to(layer.bias.dtype)
-                    written.add(id(layer.bias))
-            elif kind == "ghost_conv_transpose":
-                a, g = data
-                cg = g * coef.to(g.dtype).view(-1, 1, 1, 1)
-                if layer.weight.requires_grad:
-                    layer.weight.grad = torch.nn.grad.conv2d_weight(cg, layer.weight.shape, a.to(g.dtype), layer.stride, layer.padding,
-                                                                    layer.dilation, 1).to(layer.weight.dtype)
-                    written.add(id(layer.weight))
-                if layer.bias is not None and layer.bias.requires_grad:
-                    layer.bias.grad = cg.sum((0, 2, 3)).to(layer.bias.dtype)
+                    layer.bias.grad = cg.transpose(0, 1).flatten(1).sum(1).to(layer.bias.dtype)
                     written.add(id(layer.bias))
             else:
                 for p, gs in data.items():
