@@ -46,8 +46,7 @@ def prelu_grad_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprop
     that share a slope (all of them, or one channel each)."""
     if not layer.weight.requires_grad:
         return {}
-    x = activations[0].to(backprops.dtype)
-    contrib = torch.clamp(x, max=0) * backprops
+    contrib = torch.clamp(activations[0].to(backprops.dtype), max=0).mul_(backprops)  # in place: clamp made a new tensor
     if layer.num_parameters == 1:
         return {layer.weight: contrib.flatten(1).sum(1, keepdim=True)}
     return {layer.weight: contrib.transpose(0, 1).flatten(2).sum(2).transpose(0, 1)}

@@ -2,7 +2,10 @@
 
 Opacus' hooks mode writes every layer's per-sample gradients into a zero-filled buffer, clips
 them in the optimizer with one einsum per parameter, and its ghost mode runs a second backward.
-Here one backward does it all, layer by layer:
+Here one backward does it all, layer by layer. A hook on each trainable layer's output
+records d loss / d output; the layer's weights are kept off autograd's graph during its
+forward (when its input carries a gradient), so the backward never builds the unclipped
+weight gradient that would be thrown away. Then:
 
 * a ``Linear`` layer on (batch, features) inputs never builds per-sample gradients: its
   per-sample norm is ``||a_i|| ||g_i||`` (the "ghost norm", Goodfellow 2015; Li et al. 2022,
@@ -32,12 +35,15 @@ from torch import nn
 
 
 def conv_ghost_is_cheaper(layer: nn.Conv2d | nn.ConvTranspose2d, positions_of: torch.Tensor) -> bool:
-    """Per layer, the cheaper way to a per-sample norm (Bu et al. 2022, "mixed ghost clipping"):
-    the ghost norm costs about 2 T^2 per example (T positions: a conv's outputs, a transposed
-    conv's inputs), building the gradient p x o (p x o = C_in C_out k^2). Low-resolution, wide
-    layers take the ghost norm; high-resolution ones build the gradient."""
+    """Per layer, the cheaper way to a per-sample norm (Bu et al. 2022, "mixed ghost clipping",
+    counted in multiply-adds rather than memory). With T positions (a conv's outputs, a transposed
+    conv's inputs), p inputs per position (C_in k^2; a transposed conv's C_out k^2) and o outputs,
+    the ghost norm's two Gram matrices cost T^2 (p + o) per example and building the gradient
+    costs T p o. Low-resolution, wide layers take the ghost norm; high-resolution ones build."""
     positions = positions_of.shape[-1] * positions_of.shape[-2]
-    return 2 * positions**2 < layer.in_channels * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    k = layer.kernel_size[0] * layer.kernel_size[1]
+    p, o = (layer.in_channels * k, layer.out_channels) if isinstance(layer, nn.Conv2d) else (layer.out_channels * k, layer.in_channels)
+    return positions * (p + o) < p * o
 
 
 def _trainable(layer: nn.Module) -> list[nn.Parameter]:
@@ -59,15 +65,17 @@ class BookkeepingModule(nn.Module):
         self.hooks_enabled = True
         self._handles = []
         self._activations: dict[nn.Module, list[torch.Tensor]] = {}
+        self._off_graph: dict[nn.Module, list[nn.Parameter]] = {}
         self._records: list[tuple[nn.Module, str, object]] = []
         self._sq_norms: torch.Tensor | None = None
+        self._row_scale = 1
         for layer in module.modules():
             if not _trainable(layer):
                 continue
             if type(layer) is not nn.Linear and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
                 prepare_layer(layer, batch_first=True)  # as Opacus' hooks mode: functorch for this layer alone
-            self._handles.append(layer.register_forward_hook(self._capture_activations))
-            self._handles.append(layer.register_full_backward_hook(self._capture_backprops))
+            self._handles.append(layer.register_forward_pre_hook(self._before_layer))
+            self._handles.append(layer.register_forward_hook(self._after_layer))
 
     @staticmethod
     def _ghost_weight(layer: nn.Module, a: torch.Tensor, g: torch.Tensor):
@@ -95,7 +103,13 @@ class BookkeepingModule(nn.Module):
         return None
 
     def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)
+        try:
+            return self._module(*args, **kwargs)
+        finally:  # a layer that raised mid-forward must not leave its weights frozen
+            for params in self._off_graph.values():
+                for p in params:
+                    p.requires_grad_(True)
+            self._off_graph.clear()
 
     def disable_hooks(self) -> None:
         self.hooks_enabled = False
@@ -103,15 +117,36 @@ class BookkeepingModule(nn.Module):
     def enable_hooks(self) -> None:
         self.hooks_enabled = True
 
-    def _capture_activations(self, layer, inputs, _output) -> None:
-        if self.hooks_enabled and layer.training and torch.is_grad_enabled():
-            self._activations.setdefault(layer, []).append([t.detach() for t in inputs])
+    def _active(self, layer: nn.Module) -> bool:
+        return self.hooks_enabled and layer.training and torch.is_grad_enabled()
 
-    def _capture_backprops(self, layer, _grad_input, grad_output) -> None:
+    def _before_layer(self, layer, inputs) -> None:
+        if self._active(layer) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            # The layer's output gradient is all the clip needs, and clip_into_grad writes the
+            # weights' clipped sum: keep autograd from also building their unclipped sum (a second
+            # weight gradient per layer). The output still needs a gradient through the input.
+            params = _trainable(layer)
+            for p in params:
+                p.requires_grad_(False)
+            self._off_graph[layer] = params
+
+    def _after_layer(self, layer, inputs, output) -> None:
+        for p in self._off_graph.pop(layer, ()):
+            p.requires_grad_(True)
+        if not self._active(layer):
+            return
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"grad_sample_mode bookkeeping: {type(layer).__name__} returns {type(output).__name__}, not one tensor; use hooks")
+        self._activations.setdefault(layer, []).append([t.detach() for t in inputs])
+        # A hook on the output tensor (not a module backward hook, which wraps every input and
+        # output in an extra autograd node): it sees d loss / d output, and returns nothing.
+        output.register_hook(lambda grad: self._capture_backprops(layer, grad))
+
+    def _capture_backprops(self, layer, grad: torch.Tensor) -> None:
         if not self.hooks_enabled or not self._activations.get(layer):
             return
-        with torch.autocast(device_type=grad_output[0].device.type, enabled=False):  # fp32 even inside a bf16 step
-            self._record(layer, grad_output)
+        with torch.autocast(device_type=grad.device.type, enabled=False):  # fp32 even inside a bf16 step
+            self._record(layer, (grad,))
 
     def _record(self, layer, grad_output) -> None:
         if any(recorded is layer for recorded, _, _ in self._records):
@@ -124,8 +159,9 @@ class BookkeepingModule(nn.Module):
         g = g if g.dtype == torch.float64 else g.float()
         a = inputs[0]
         n = g.shape[0]
-        if self.loss_reduction == "mean":
-            g = g * n  # the gradient of each row's own loss
+        # Under a mean loss each row's own gradient is n x its share of g: n is applied to the
+        # norms and to the clip factors, never to a whole backprop tensor.
+        self._row_scale = n if self.loss_reduction == "mean" else 1
         ghost = self._ghost_weight(layer, a, g)
         if ghost is not None:  # the weight's per-sample squared norms, and its clipped sum from scaled backprops
             sq, weight_grad = ghost
@@ -143,7 +179,7 @@ class BookkeepingModule(nn.Module):
     @property
     def per_sample_gradient_norms(self) -> torch.Tensor | None:
         """Each row's gradient norm over every trainable parameter (before clipping)."""
-        return None if self._sq_norms is None else self._sq_norms.sqrt()
+        return None if self._sq_norms is None else self._sq_norms.sqrt() * self._row_scale
 
     def clip_into_grad(self, max_grad_norm: float) -> set[int]:
         """``p.grad`` = the sum over rows of each row's gradient clipped to ``max_grad_norm``.
@@ -151,7 +187,9 @@ class BookkeepingModule(nn.Module):
         written: set[int] = set()
         if self._sq_norms is None:
             return written
-        coef = torch.clamp(max_grad_norm / (self.per_sample_gradient_norms + 1e-6), max=1.0)
+        # Opacus' clip factor on each row's own gradient, times the row scale that makes the
+        # recorded backprops (a share of a mean loss) into that gradient.
+        coef = torch.clamp(max_grad_norm / (self.per_sample_gradient_norms + 1e-6), max=1.0) * self._row_scale
         for layer, kind, data in self._records:
             if kind == "ghost":
                 g, weight_grad = data
@@ -199,3 +237,4 @@ class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
                 raise RuntimeError("a trainable parameter got a gradient that was not clipped per sample; refusing to step")
             p.grad = torch.zeros_like(p)  # no row reached it (or an empty Poisson batch): zero, then noise
         return super().pre_step(closure)
+
