@@ -19,19 +19,17 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDSYNTH_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 
 def main() -> None:
-    import opacus.optimizers.optimizer as dp_optimizer
+    from contextlib import nullcontext
 
-    import client.trainer as trainer
     from common.config import load_run
     from common.data import load_site
-    from common.evaluation.audit import audit_site
+    from common.evaluation.audit import audit_site, broken_mechanism
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "simulations" / "demo.yaml"))
@@ -44,18 +42,11 @@ def main() -> None:
     run = load_run(args.config)
     site = next(s for s in run.training_sites if s.name == args.site)
     data = load_site(run, site)
-    real_noise, secret = dp_optimizer._generate_noise, trainer.secret_generator
 
     def audit(epsilon: float, broken: str = "") -> dict:
         s = dataclasses.replace(site, privacy=dataclasses.replace(site.privacy, epsilon=epsilon))
-        if broken == "noise_off":
-            dp_optimizer._generate_noise = lambda std, reference, generator=None, secure_mode=False: real_noise(0.0, reference)
-        if broken == "public_seed":
-            trainer.secret_generator = lambda device="cpu": torch.Generator(device=device).manual_seed(run.seed)
-        try:
+        with broken_mechanism(broken, run.seed) if broken else nullcontext():
             results = [audit_site(run, s, data, args.canaries, seed=i) for i in range(args.repeats)]
-        finally:
-            dp_optimizer._generate_noise, trainer.secret_generator = real_noise, secret
         lower = [r["epsilon_lower"] for r in results]
         accounted = results[0]["epsilon_accounted"]
         return {

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.data import load_site
-from common.evaluation.audit import audit_site, epsilon_lower, guess_and_bound
+from common.evaluation.audit import audit_site, broken_mechanism, epsilon_lower, guess_and_bound
 
 CLAIMED = 2.0  # small enough that a one-run audit with 1,000 canaries can exceed it
 
@@ -46,24 +46,17 @@ def test_with_dp_the_lower_bound_stays_below_the_accounted_epsilon(audit_setup):
     assert result["epsilon_lower"] <= result["epsilon_accounted"] and result["violation"] is False
 
 
-def test_noise_switched_off_is_caught(audit_setup, monkeypatch):
-    import opacus.optimizers.optimizer as dp_optimizer
-    import opacus.optimizers.optimizer_fast_gradient_clipping as fgc_optimizer
-
-    real = dp_optimizer._generate_noise
-    for module in (dp_optimizer, fgc_optimizer):  # whichever optimizer grad_sample_mode picks
-        monkeypatch.setattr(module, "_generate_noise", lambda std, reference, generator=None, secure_mode=False: real(0.0, reference))
+def test_noise_switched_off_is_caught(audit_setup):
     run, site, data = audit_setup
-    result = audit_site(run, site, data, canaries=1000, seed=0)
+    with broken_mechanism("noise_off", run.seed):
+        result = audit_site(run, site, data, canaries=1000, seed=0)
     assert result["violation"] is True and result["epsilon_lower"] > CLAIMED
 
 
-def test_noise_seeded_from_the_public_run_seed_is_caught(audit_setup, monkeypatch):
+def test_noise_seeded_from_the_public_run_seed_is_caught(audit_setup):
     """The defect of issue 9 item 1: DP randomness that anyone holding the run's seed can replay."""
-    import client.trainer as trainer
-
     run, site, data = audit_setup
-    monkeypatch.setattr(trainer, "secret_generator", lambda device="cpu": torch.Generator(device=device).manual_seed(run.seed))
-    result = audit_site(run, site, data, canaries=1000, seed=0)
+    with broken_mechanism("public_seed", run.seed):
+        result = audit_site(run, site, data, canaries=1000, seed=0)
     assert result["attack"] == "replay"
     assert result["violation"] is True and result["epsilon_lower"] > CLAIMED

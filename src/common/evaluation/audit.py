@@ -38,6 +38,8 @@ import secrets
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,35 @@ def dirac_canaries(m: int, channels: int, size: int, seed: int) -> tuple[torch.T
     x = torch.zeros(m, pixels)
     x[torch.arange(m), torch.from_numpy(where)] = 1.0
     return x.reshape(m, channels, size, size), where
+
+
+@contextmanager
+def broken_mechanism(defect: str, public_seed: int) -> Iterator[None]:
+    """The audit's positive controls: inside, every DP round of this process has ``defect``.
+
+    ``noise_off``: the DP optimizers' noise is zero (Opacus' DPOptimizer for hooks and
+    functorch, its fast-gradient-clipping optimizer for bookkeeping);
+    ``public_seed``: every "secret" generator is seeded from the run's public seed."""
+    import opacus.optimizers.optimizer as dp_optimizer
+    import opacus.optimizers.optimizer_fast_gradient_clipping as fgc_optimizer
+
+    import client.trainer as trainer
+
+    saved = [(m, n, getattr(m, n)) for m, n in ((dp_optimizer, "_generate_noise"), (fgc_optimizer, "_generate_noise"),
+                                                 (trainer, "secret_generator"))]
+    real = dp_optimizer._generate_noise
+    if defect == "noise_off":
+        for module in (dp_optimizer, fgc_optimizer):
+            module._generate_noise = lambda std, reference, generator=None, secure_mode=False: real(0.0, reference)
+    elif defect == "public_seed":
+        trainer.secret_generator = lambda device="cpu": torch.Generator(device=device).manual_seed(public_seed)
+    else:
+        raise ValueError(f"broken_mechanism: unknown defect {defect!r}")
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 # ------------------------------------------------------------------ the audit
