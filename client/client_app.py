@@ -42,7 +42,7 @@ SENT_METRICS = {
     "delta": "the site's configuration",
     "declined": "whether the ledger allowed the round (a function of the ledger)",
     "evaluation-only": "the site's role in its configuration",
-    "evaluated": "constant 1: an evaluation took place at the site",
+    "evaluated": "1 when the site evaluated the model it was sent, as the coordinator asked (the loss stays at the site)",
     "weight": "constant 1: FedAvg weighs sites equally (example counts are private)",
 }
 
@@ -165,6 +165,12 @@ def ray_placement() -> dict:
         return {}
 
 
+def log_heldout_loss(run: RunConfig, data: SiteData, weights: dict, where: Path, server_round: int) -> None:
+    """The global model's held-out loss: a function of the site's images, so it stays in the site's own log."""
+    loss = heldout_loss(run, data, weights, pick_device())
+    append_local_log(where, {"round": server_round, "kind": "evaluate", "heldout_loss": loss})
+
+
 def _metrics(values: dict[str, float]) -> MetricRecord:
     return MetricRecord({k.replace("_", "-"): float(v) for k, v in values.items()})
 
@@ -193,25 +199,29 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
             append_local_log(where, {"round": int(config["server-round"]), "kind": "config", "config_sha256": shipped})
         data = site_data(run, site, simulation)
         check_site_data(data)
+        incoming = msg.content["arrays"].to_torch_state_dict()
+        evaluated = int(config.get("evaluate-incoming", 0))
+        if evaluated:  # the previous round's global model, evaluated in this same call
+            log_heldout_loss(run, data, incoming, where, int(config["server-round"]) - 1)
         # The unit of privacy follows from the site's source: patients where ingestion knows them.
         info = ConfigRecord({"site": site.name, "reason": "", "privacy-unit": data.privacy_unit})
         try:
             if not run.training.dp and not simulation:
                 raise BudgetExceeded("this node trains only with differential privacy (training.dp is false)")
             result = train_round(
-                run, site, data, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"]), where, pick_device(),
+                run, site, data, incoming, int(config["server-round"]), where, pick_device(),
                 note=ray_placement() if simulation else None,
             )
         except PrivacyRefusal as exc:
             info["reason"] = str(exc)
-            metrics = {"declined": 1, "weight": 1}
+            metrics = {"declined": 1, "weight": 1, "evaluated": evaluated}
             try:
                 ledger = ledger_for(run, site, where)
                 metrics.update(epsilon=ledger.spent, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta)
             except LedgerError:
                 pass  # the reason already says why the ledger cannot be read
             return Message(RecordDict({"metrics": _metrics(metrics), "site": info}), reply_to=msg)
-        metrics = _metrics({**result.metrics, "declined": 0, "weight": 1})
+        metrics = _metrics({**result.metrics, "declined": 0, "weight": 1, "evaluated": evaluated})
         content = RecordDict({"arrays": ArrayRecord(result.weights), "metrics": metrics, "site": info})
         return Message(content, reply_to=msg)
 
@@ -220,10 +230,8 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
         run = get_run(context)
         site = resolve_site(run, context)
         data = site_data(run, site, simulation)
-        loss = heldout_loss(run, data, msg.content["arrays"].to_torch_state_dict(), pick_device())
-        # The loss is a function of the site's images: it stays in the site's own log.
-        append_local_log(state_dir(site, msg.content["config"], context.node_config),
-                         {"round": int(msg.content["config"].get("server-round", 0)), "kind": "evaluate", "heldout_loss": loss})
+        log_heldout_loss(run, data, msg.content["arrays"].to_torch_state_dict(), state_dir(site, msg.content["config"], context.node_config),
+                         int(msg.content["config"].get("server-round", 0)))
         metrics = _metrics({"evaluated": 1, "weight": 1})
         return Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"site": site.name})}), reply_to=msg)
 

@@ -63,6 +63,7 @@ def federate(grid: Grid, run: RunConfig, run_dir: Path, context: Context, regist
         registry=registry,
         ema_decay=run.federation.ema_decay,
         sampling_seed=run.seed,
+        evaluate_in_train=run.federation.evaluate_in_train,
         fraction_train=run.federation.fraction_train,
         fraction_evaluate=run.federation.fraction_evaluate,
         min_train_nodes=run.federation.min_train_nodes,

@@ -55,7 +55,7 @@ class LedgerFedAvg(FedAvg):
     """
 
     def __init__(self, run_dir: Path, ledger: ServerLedger, ema_decay: float = 0.0, round_offset: int = 0,
-                 registry: dict[int, str] | None = None, sampling_seed: int = 0, **kwargs):
+                 registry: dict[int, str] | None = None, sampling_seed: int = 0, evaluate_in_train: bool = False, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", site_count)
         kwargs.setdefault("evaluate_metrics_aggr_fn", site_count)
         kwargs.setdefault("weighted_by_key", WEIGHT_KEY)
@@ -74,6 +74,16 @@ class LedgerFedAvg(FedAvg):
         self.registry = registry  # node id -> site, from the coordinator's registration (None: a simulation)
         self.sampling_seed = sampling_seed
         self.round_started: dict[int, float] = {}
+        self.evaluate_in_train = evaluate_in_train
+        self.num_rounds = 0  # of this start(), known once it is called
+
+    def start(self, *args, num_rounds: int = 3, **kwargs):
+        self.num_rounds = num_rounds
+        return super().start(*args, num_rounds=num_rounds, **kwargs)
+
+    def folds_evaluation(self) -> bool:
+        """Whether a sampled site evaluates the incoming global model inside its train call."""
+        return self.evaluate_in_train and self.fraction_evaluate > 0
 
     def registered(self, node_id: int) -> bool:
         return self.registry is None or node_id in self.registry
@@ -115,14 +125,24 @@ class LedgerFedAvg(FedAvg):
         self.round_started[server_round] = time.time()
         nodes, connected = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, train=True)
         config["server-round"] = server_round
+        # The incoming weights are round (server_round - 1)'s global model; round 1's are the initial one.
+        config["evaluate-incoming"] = int(self.folds_evaluation() and server_round > 1)
         self.history.setdefault("sampled", []).append({"round": server_round, "nodes": len(nodes), "of": connected})
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         if self.fraction_evaluate == 0.0:
             return []
+        last = server_round == self.num_rounds
         server_round += self.round_offset
-        nodes, _ = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, train=False)
+        if self.folds_evaluation() and not last:
+            # Training sites evaluate this model when the next round's train call brings it;
+            # evaluation-only sites never train, so they are asked now.
+            nodes = sorted(n for n in self.evaluation_only if n in set(grid.get_node_ids()))
+            if not nodes:
+                return []
+        else:
+            nodes, _ = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, train=False)
         config["server-round"] = server_round
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.EVALUATE)
 
@@ -164,6 +184,8 @@ class LedgerFedAvg(FedAvg):
         """
         if (site := self.bound_site(node_id, site)) is None:
             return False
+        if metrics.get("evaluated"):  # it evaluated the model it received: the previous round's
+            self.record_evaluation(server_round - 1, site, {"evaluated": 1, "weight": 1})
         if metrics.get("evaluation-only"):
             log(INFO, "Site %s takes part in evaluation only", site)
             self.evaluation_only[node_id] = site

@@ -141,3 +141,51 @@ def test_a_node_that_must_not_train_says_so_and_is_only_asked_to_evaluate(tiny_r
     strategy.current = build_generator(tiny_run.model).state_dict()
     assert strategy.aggregate_train(1, [out]) == (None, None)
     assert strategy.evaluation_only == {out.metadata.src_node_id: site_yaml} and ServerLedger(tmp_path / "l.json").summary() == {}
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_sites_evaluate_the_previous_global_model_inside_their_train_call(tmp_path):
+    """One message per site per round: evaluate messages only for evaluation-only sites, and after the last round."""
+    s = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "l.json"), evaluate_in_train=True, min_train_nodes=1, min_available_nodes=1)
+    s.num_rounds, grid = 3, _Grid([11, 12, 13])
+    first = list(s.configure_train(1, ArrayRecord({}), ConfigRecord({}), grid))
+    second = list(s.configure_train(2, ArrayRecord({}), ConfigRecord({}), grid))
+    assert first[0].content["config"]["evaluate-incoming"] == 0  # round 1 brings the initial model
+    assert second[0].content["config"]["evaluate-incoming"] == 1
+    assert list(s.configure_evaluate(1, ArrayRecord({}), ConfigRecord({}), grid)) == []
+    s.evaluation_only = {13: "external_d"}
+    assert [m.metadata.dst_node_id for m in s.configure_evaluate(2, ArrayRecord({}), ConfigRecord({}), grid)] == [13]
+    assert len(list(s.configure_evaluate(3, ArrayRecord({}), ConfigRecord({}), grid))) == 3  # after the last round: everyone
+
+    weights = {"w": torch.ones(2)}
+    s.current = weights
+    msg = reply("hospital_a", weights)
+    msg.content["metrics"]["evaluated"] = 1.0
+    s.aggregate_train(2, [msg])
+    assert s.history["evaluate"] == [{"round": 1, "site": "hospital_a", "evaluated": 1, "weight": 1}]
+
+    separate = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "m.json"), min_train_nodes=1, min_available_nodes=1)
+    separate.num_rounds = 3
+    assert list(separate.configure_train(2, ArrayRecord({}), ConfigRecord({}), grid))[0].content["config"]["evaluate-incoming"] == 0
+    assert len(list(separate.configure_evaluate(1, ArrayRecord({}), ConfigRecord({}), grid))) == 3
+
+
+def test_a_site_asked_to_evaluate_the_incoming_model_keeps_the_loss_in_its_own_log(tiny_run, tmp_path):
+    import json
+
+    app = make_client_app(lambda _ctx: tiny_run)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    msg = _train_message(tiny_run, tmp_path, 2)
+    msg.content["config"]["evaluate-incoming"] = 1
+    out = app(msg, ctx)
+    assert out.content["metrics"]["evaluated"] == 1 and out.content["metrics"]["declined"] == 0
+    assert not any("loss" in k for k in out.content["metrics"].keys())
+    log = json.loads((tmp_path / "clients" / "hospital_a" / "local_log.json").read_text())
+    assert [e["round"] for e in log if e["kind"] == "evaluate"] == [1] and [e["round"] for e in log if e["kind"] == "train"] == [2]

@@ -227,7 +227,12 @@ class FederationConfig:
     # many does not). The draw is public, so no privacy amplification is claimed for it: each
     # site's ledger counts only the rounds it trained.
     fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)  # 0: no evaluate messages
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)  # 0: no evaluation at all
+    # A site sampled to train first evaluates the model it receives (the previous round's
+    # global) in the same call, so a round costs one message per site, not two; evaluate
+    # messages then go only to evaluation-only sites, and to the sampled sites after the last
+    # round. False: a separate evaluate message per round (Flower's default flow).
+    evaluate_in_train: bool = True
     min_evaluate_nodes: int | None = Field(None, ge=1)  # None: min_train_nodes
     # Simulation only (a deployed node ignores them): a sampled site drops out of a round
     # before touching its data or ledger, or answers late by straggler_delay_s; seeded per
