@@ -128,13 +128,15 @@ def test_with_no_noise_the_update_is_the_mean_of_clipped_per_example_gradients(n
     assert torch.allclose(update, expected, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv_norm", ["by cost", "ghost everywhere", "built everywhere"])
+@pytest.mark.parametrize("conv_norm", ["by cost", "ghost", "unfold", "per_example"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_bookkeeping_clips_exactly_in_one_backward(name, conv_norm, monkeypatch):
+    """Every way to a convolution's per-sample norm, forced on every layer, and the measured choice."""
     import common.privacy.bookkeeping as bookkeeping
 
-    if conv_norm != "by cost":  # both ways to a convolution's per-sample norm, on every layer
-        monkeypatch.setattr(bookkeeping, "conv_ghost_is_cheaper", lambda *_: conv_norm == "ghost everywhere")
+    if conv_norm != "by cost":
+        monkeypatch.setattr(bookkeeping, "conv_ghost_is_cheaper", lambda *_: conv_norm == "ghost")
+        monkeypatch.setattr(bookkeeping, "conv_way", lambda *_: conv_norm)
     module, losses = CASES[name]()
     per = torch.stack(loop_gradients(module, losses))
     clip = float(per.norm(dim=1).median())
