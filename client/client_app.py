@@ -200,9 +200,14 @@ def make_client_app(get_run: Callable[[Context], RunConfig], simulation: bool = 
         data = site_data(run, site, simulation)
         check_site_data(data)
         incoming = msg.content["arrays"].to_torch_state_dict()
-        evaluated = int(config.get("evaluate-incoming", 0))
-        if evaluated:  # the previous round's global model, evaluated in this same call
-            log_heldout_loss(run, data, incoming, where, int(config["server-round"]) - 1)
+        evaluated = 0
+        if int(config.get("evaluate-incoming", 0)):  # the previous round's global model, evaluated in this same call
+            try:
+                log_heldout_loss(run, data, incoming, where, int(config["server-round"]) - 1)
+                evaluated = 1
+            except Exception as exc:  # noqa: BLE001 - a failed evaluation must not cost the round's training
+                append_local_log(where, {"round": int(config["server-round"]) - 1, "kind": "evaluate_failed",
+                                         "reason": f"{type(exc).__name__}: {exc}"})
         # The unit of privacy follows from the site's source: patients where ingestion knows them.
         info = ConfigRecord({"site": site.name, "reason": "", "privacy-unit": data.privacy_unit})
         try:

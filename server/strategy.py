@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -71,6 +71,7 @@ class LedgerFedAvg(FedAvg):
         if (run_dir / "history.json").exists():
             self.history = {**self.history, **json.loads((run_dir / "history.json").read_text())}
         self.evaluation_only: dict[int, str] = {}  # node id -> site
+        self.training_nodes: set[int] = set()  # nodes that answered a train message as a training site
         self.registry = registry  # node id -> site, from the coordinator's registration (None: a simulation)
         self.sampling_seed = sampling_seed
         self.round_started: dict[int, float] = {}
@@ -100,7 +101,8 @@ class LedgerFedAvg(FedAvg):
             return None
         return bound
 
-    def sample(self, grid, server_round: int, fraction: float, minimum: int, train: bool) -> tuple[list[int], int]:
+    def sample(self, grid, server_round: int, fraction: float, minimum: int, train: bool,
+               among: Callable[[int], bool] = lambda _node: True) -> tuple[list[int], int]:
         """This round's nodes: max(fraction x eligible, minimum) of the eligible ones, drawn from a
         generator seeded by (sampling seed, round, train/evaluate), so a run's draws are repeatable
         (Flower's own draw uses the process-global ``random``). Evaluation-only nodes are never
@@ -112,7 +114,7 @@ class LedgerFedAvg(FedAvg):
                 break
             log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d)", len(nodes), self.min_available_nodes)
             time.sleep(1)
-        eligible = [n for n in nodes if self.registered(n) and not (train and n in self.evaluation_only)]
+        eligible = [n for n in nodes if self.registered(n) and not (train and n in self.evaluation_only) and among(n)]
         size = min(len(eligible), max(int(len(eligible) * fraction), minimum))
         rng = random.Random(f"{self.sampling_seed}:{server_round}:{'train' if train else 'evaluate'}")
         chosen = sorted(rng.sample(eligible, size))
@@ -125,8 +127,10 @@ class LedgerFedAvg(FedAvg):
         self.round_started[server_round] = time.time()
         nodes, connected = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, train=True)
         config["server-round"] = server_round
-        # The incoming weights are round (server_round - 1)'s global model; round 1's are the initial one.
-        config["evaluate-incoming"] = int(self.folds_evaluation() and server_round > 1)
+        # The incoming weights are round (server_round - 1)'s global model (round 1's: the initial
+        # one); not again when a paused run evaluated it after its last round.
+        done = any(e.get("round") == server_round - 1 for e in self.history["evaluate"])
+        config["evaluate-incoming"] = int(self.folds_evaluation() and server_round > 1 and not done)
         self.history.setdefault("sampled", []).append({"round": server_round, "nodes": len(nodes), "of": connected})
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
 
@@ -136,9 +140,11 @@ class LedgerFedAvg(FedAvg):
         last = server_round == self.num_rounds
         server_round += self.round_offset
         if self.folds_evaluation() and not last:
-            # Training sites evaluate this model when the next round's train call brings it;
-            # evaluation-only sites never train, so they are asked now.
-            nodes = sorted(n for n in self.evaluation_only if n in set(grid.get_node_ids()))
+            # Training sites evaluate this model when the next round's train call brings it. Asked
+            # now: the nodes that never answered a train message as a training site (evaluation-only
+            # sites, and sites not drawn to train yet), fraction_evaluate of them.
+            nodes, _ = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, train=False,
+                                   among=lambda n: n not in self.training_nodes)
             if not nodes:
                 return []
         else:
@@ -190,6 +196,7 @@ class LedgerFedAvg(FedAvg):
             log(INFO, "Site %s takes part in evaluation only", site)
             self.evaluation_only[node_id] = site
             return False
+        self.training_nodes.add(node_id)
         if not metrics.get("declined") and update is not None:
             try:  # a malformed update is never averaged in
                 check_weights(update, self.current, f"update from {site}")

@@ -197,6 +197,84 @@ def test_bookkeeping_refuses_a_layer_used_twice_in_one_step():
         wrapped(torch.rand(B, 4)).mean().backward()
 
 
+class InPlaceAfter(nn.Module):
+    """A layer's input changed in place after its forward (a residual written as ``h += ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)
+        h.mul_(0.1)
+        return (y + h).sum(1)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).sum(1)
+
+
+class UsedOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return (self.b(h) + nn.functional.linear(h, self.b.weight)).sum(1)
+
+
+def test_bookkeeping_refuses_what_it_would_clip_wrongly():
+    """Each of these under-clipped, or clipped a different gradient, without a word."""
+    from common.privacy.bookkeeping import BookkeepingModule
+
+    wrapped = BookkeepingModule(InPlaceAfter())
+    with pytest.raises(RuntimeError, match="modified in place"):
+        wrapped(torch.rand(B, 4)).mean().backward()
+    with pytest.raises(ValueError, match="shared by Linear and Linear"):
+        BookkeepingModule(Tied())
+    wrapped = BookkeepingModule(UsedOutside())
+    wrapped(torch.rand(B, 4)).mean().backward()
+    with pytest.raises(RuntimeError, match="used outside its layer"):
+        wrapped.clip_into_grad(1.0)
+
+
+def test_a_layer_that_raised_and_is_called_again_gets_its_weights_back():
+    from common.privacy.bookkeeping import BookkeepingModule
+
+    class Raises(nn.Linear):
+        fail = True
+
+        def forward(self, x):
+            if Raises.fail:
+                Raises.fail = False
+                raise RuntimeError("transient")
+            return super().forward(x)
+
+    class Retry(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), Raises(4, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            try:
+                return self.b(h).sum(1)
+            except RuntimeError:
+                return self.b(h).sum(1)
+
+    wrapped = BookkeepingModule(Retry())
+    wrapped(torch.rand(B, 4)).mean().backward()
+    assert all(p.requires_grad for p in wrapped.parameters())
+
+
 @pytest.mark.parametrize("name", ["vae", "gan"])
 def test_under_bf16_autocast_bookkeeping_clips_in_fp32(name):
     """Mixed precision (training.mixed_precision): the step runs in bf16, but the norms that set each row's

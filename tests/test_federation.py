@@ -159,8 +159,9 @@ def test_sites_evaluate_the_previous_global_model_inside_their_train_call(tmp_pa
     second = list(s.configure_train(2, ArrayRecord({}), ConfigRecord({}), grid))
     assert first[0].content["config"]["evaluate-incoming"] == 0  # round 1 brings the initial model
     assert second[0].content["config"]["evaluate-incoming"] == 1
-    assert list(s.configure_evaluate(1, ArrayRecord({}), ConfigRecord({}), grid)) == []
-    s.evaluation_only = {13: "external_d"}
+    # Nodes that never answered as training sites are asked by message: all three, before any reply.
+    assert len(list(s.configure_evaluate(1, ArrayRecord({}), ConfigRecord({}), grid))) == 3
+    s.training_nodes, s.evaluation_only = {11, 12}, {13: "external_d"}
     assert [m.metadata.dst_node_id for m in s.configure_evaluate(2, ArrayRecord({}), ConfigRecord({}), grid)] == [13]
     assert len(list(s.configure_evaluate(3, ArrayRecord({}), ConfigRecord({}), grid))) == 3  # after the last round: everyone
 
@@ -170,6 +171,10 @@ def test_sites_evaluate_the_previous_global_model_inside_their_train_call(tmp_pa
     msg.content["metrics"]["evaluated"] = 1.0
     s.aggregate_train(2, [msg])
     assert s.history["evaluate"] == [{"round": 1, "site": "hospital_a", "evaluated": 1, "weight": 1}]
+
+    # A paused run evaluated round 2 after its last round: on resume, round 3 does not evaluate it again.
+    s.history["evaluate"].append({"round": 2, "site": "hospital_a"})
+    assert list(s.configure_train(3, ArrayRecord({}), ConfigRecord({}), grid))[0].content["config"]["evaluate-incoming"] == 0
 
     separate = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "m.json"), min_train_nodes=1, min_available_nodes=1)
     separate.num_rounds = 3
@@ -189,3 +194,22 @@ def test_a_site_asked_to_evaluate_the_incoming_model_keeps_the_loss_in_its_own_l
     assert not any("loss" in k for k in out.content["metrics"].keys())
     log = json.loads((tmp_path / "clients" / "hospital_a" / "local_log.json").read_text())
     assert [e["round"] for e in log if e["kind"] == "evaluate"] == [1] and [e["round"] for e in log if e["kind"] == "train"] == [2]
+
+
+def test_an_evaluation_that_fails_does_not_cost_the_site_its_training_round(tiny_run, tmp_path, monkeypatch):
+    import json
+
+    import client.client_app as client_app
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("empty held-out set")
+
+    monkeypatch.setattr(client_app, "heldout_loss", broken)
+    app = make_client_app(lambda _ctx: tiny_run)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
+    msg = _train_message(tiny_run, tmp_path, 2)
+    msg.content["config"]["evaluate-incoming"] = 1
+    out = app(msg, ctx)
+    assert not out.has_error() and out.content["metrics"]["evaluated"] == 0 and out.content["metrics"]["declined"] == 0
+    log = json.loads((tmp_path / "clients" / "hospital_a" / "local_log.json").read_text())
+    assert [e["kind"] for e in log] == ["evaluate_failed", "train"] and "empty held-out set" in log[0]["reason"]

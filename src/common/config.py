@@ -227,11 +227,13 @@ class FederationConfig:
     # many does not). The draw is public, so no privacy amplification is claimed for it: each
     # site's ledger counts only the rounds it trained.
     fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)  # 0: no evaluation at all
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)  # 0: no evaluation (secure aggregation always evaluates)
     # A site sampled to train first evaluates the model it receives (the previous round's
     # global) in the same call, so a round costs one message per site, not two; evaluate
-    # messages then go only to evaluation-only sites, and to the sampled sites after the last
-    # round. False: a separate evaluate message per round (Flower's default flow).
+    # messages then go, each round, to fraction_evaluate of the nodes that have not trained
+    # yet (evaluation-only sites among them), and after the last round to a fraction_evaluate
+    # sample of all. False: a separate evaluate message per round (Flower's default flow).
+    # No effect under secure aggregation.
     evaluate_in_train: bool = True
     min_evaluate_nodes: int | None = Field(None, ge=1)  # None: min_train_nodes
     # Simulation only (a deployed node ignores them): a sampled site drops out of a round

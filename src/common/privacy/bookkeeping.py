@@ -15,7 +15,13 @@ weight gradient that would be thrown away. Then:
   each row's backprop scaled by its clip factor;
 * every other layer gets its per-sample gradients from Opacus' own grad samplers (and ours,
   :mod:`common.models.dp_layers`), or functorch for a layer with none (as Opacus' hooks mode
-  does), written once and summed with the clip factors.
+  does), written once and summed with the clip factors; a ``Conv2d`` by Opacus' unfold or by
+  one backward-weight convolution per example, whichever :func:`conv_way` times faster.
+
+Refused, because the clip would be wrong: a layer used twice in a step, a parameter shared by
+two layers or also used outside its layer (seen where the layer's input carries a gradient),
+a layer input changed in place before the backward,
+a layer that returns more than one tensor, and (in the optimizer) any unclipped gradient.
 
 The clip factor is Opacus' ``c_i = min(1, C / (||g_i|| + 1e-6))`` over all layers at once; the
 clipped sum goes to ``p.grad`` and :class:`BookkeepingDPOptimizer` (Opacus'
@@ -117,9 +123,16 @@ class BookkeepingModule(nn.Module):
         self._records: list[tuple[nn.Module, str, object]] = []
         self._sq_norms: torch.Tensor | None = None
         self._row_scale = 1
+        self._off_this_step: list[nn.Parameter] = []
+        owner: dict[int, nn.Module] = {}
         for layer in module.modules():
             if not _trainable(layer):
                 continue
+            for p in _trainable(layer):
+                if id(p) in owner:  # tied weights: two layers' per-sample gradients add before the norm
+                    raise ValueError(f"grad_sample_mode bookkeeping: a parameter is shared by {type(owner[id(p)]).__name__} and "
+                                     f"{type(layer).__name__}; use hooks")
+                owner[id(p)] = layer
             if type(layer) is not nn.Linear and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
                 prepare_layer(layer, batch_first=True)  # as Opacus' hooks mode: functorch for this layer alone
             self._handles.append(layer.register_forward_pre_hook(self._before_layer))
@@ -135,7 +148,8 @@ class BookkeepingModule(nn.Module):
             a = a.to(g.dtype)
             sq = (a * a).sum(1) * (g * g).sum(1) if layer.weight.requires_grad else zero
             return sq, lambda cg: cg.t() @ a
-        if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and conv_ghost_is_cheaper(layer, g):
+        if (type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+                and conv_ghost_is_cheaper(layer, g)):
             # ||sum_t g_t a_t^T||^2 = <A A^T, G G^T> over positions t (Li et al. 2022, eq. 6)
             cols, gt = F.unfold(a.to(g.dtype), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride), g.flatten(2)
             sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gt.transpose(1, 2), gt)).sum((1, 2)) if layer.weight.requires_grad else zero
@@ -176,7 +190,9 @@ class BookkeepingModule(nn.Module):
             params = _trainable(layer)
             for p in params:
                 p.requires_grad_(False)
-            self._off_graph[layer] = params
+            # extend, not replace: a layer that raised and is called again must get every weight back
+            self._off_graph.setdefault(layer, []).extend(params)
+            self._off_this_step.extend(params)
 
     def _after_layer(self, layer, inputs, output) -> None:
         for p in self._off_graph.pop(layer, ()):
@@ -185,7 +201,10 @@ class BookkeepingModule(nn.Module):
             return
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(f"grad_sample_mode bookkeeping: {type(layer).__name__} returns {type(output).__name__}, not one tensor; use hooks")
-        self._activations.setdefault(layer, []).append([t.detach() for t in inputs])
+        # With the weights off the graph autograd no longer keeps the input for them, so nothing
+        # else would notice an in-place change to it before the backward: remember its version.
+        self._activations.setdefault(layer, []).append([(t.detach(), t._version) if isinstance(t, torch.Tensor) else (t, None)
+                                                        for t in inputs])
         # A hook on the output tensor (not a module backward hook, which wraps every input and
         # output in an extra autograd node): it sees d loss / d output, and returns nothing.
         output.register_hook(lambda grad: self._capture_backprops(layer, grad))
@@ -202,7 +221,11 @@ class BookkeepingModule(nn.Module):
             raise RuntimeError(f"grad_sample_mode bookkeeping: {type(layer).__name__} is used twice in one step; use hooks")
         # In fp32 whatever the step's precision (bf16 autocast): the norms that decide each row's
         # clip factor, the clipped sums and (in the optimizer) the noise.
-        inputs = [t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in self._activations[layer].pop()]
+        saved = self._activations[layer].pop()
+        if any(version is not None and t._version != version for t, version in saved):
+            raise RuntimeError(f"grad_sample_mode bookkeeping: the input of a {type(layer).__name__} was modified in place after "
+                               "its forward, so its per-sample gradients would be wrong; remove the in-place operation")
+        inputs = [t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t, _ in saved]
         g = grad_output[0].detach()
         g = g if g.dtype == torch.float64 else g.float()
         a = inputs[0]
@@ -240,10 +263,17 @@ class BookkeepingModule(nn.Module):
         # Opacus' clip factor on each row's own gradient, times the row scale that makes the
         # recorded backprops (a share of a mean loss) into that gradient.
         coef = torch.clamp(max_grad_norm / (self.per_sample_gradient_norms + 1e-6), max=1.0) * self._row_scale
+        for p in self._off_this_step:
+            if p.grad is not None and p.grad.any():
+                # Off the graph in its own layer, yet autograd built a gradient: the weight is also
+                # used outside that layer, and that use would escape the clip.
+                raise RuntimeError("grad_sample_mode bookkeeping: a weight is also used outside its layer; use hooks")
         for layer, kind, data in self._records:
             if kind == "ghost":
                 g, weight_grad = data
                 cg = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
+                if any(id(p) in written for p in _trainable(layer)):
+                    raise RuntimeError("grad_sample_mode bookkeeping: a parameter is shared by two layers; use hooks")
                 if layer.weight.requires_grad:
                     layer.weight.grad = weight_grad(cg).to(layer.weight.dtype)
                     written.add(id(layer.weight))
@@ -261,7 +291,7 @@ class BookkeepingModule(nn.Module):
 
     def forget(self) -> None:
         """Drop everything recorded (the next batch starts clean)."""
-        self._records, self._sq_norms = [], None
+        self._records, self._sq_norms, self._off_this_step = [], None, []
         self._activations.clear()
 
     def remove_hooks(self) -> None:
