@@ -13,6 +13,16 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 DEMO = REPO / "simulations" / "demo.yaml"
 
 
+class Grid:
+    """Just enough of a Flower grid for a strategy to address its nodes."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     npz = SHARED_DATA / "medmnist" / "pneumoniamnist.npz"

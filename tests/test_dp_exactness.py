@@ -197,12 +197,14 @@ def test_bookkeeping_refuses_a_layer_used_twice_in_one_step():
         wrapped(torch.rand(B, 4)).mean().backward()
 
 
-class InPlaceAfter(nn.Module):
-    """A layer's input changed in place after its forward (a residual written as ``h += ...``)."""
-
-    def __init__(self):
+class TwoLinear(nn.Module):
+    def __init__(self, second=nn.Linear):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.a, self.b = nn.Linear(4, 4), second(4, 4)
+
+
+class InPlaceAfter(TwoLinear):
+    """A layer's input changed in place after its forward (a residual written as ``h += ...``)."""
 
     def forward(self, x):
         h = self.a(x)
@@ -211,21 +213,16 @@ class InPlaceAfter(nn.Module):
         return (y + h).sum(1)
 
 
-class Tied(nn.Module):
+class Tied(TwoLinear):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
         self.b.weight = self.a.weight
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x))).sum(1)
 
 
-class UsedOutside(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
-
+class UsedOutside(TwoLinear):
     def forward(self, x):
         h = self.a(x)
         return (self.b(h) + nn.functional.linear(h, self.b.weight)).sum(1)
@@ -258,11 +255,7 @@ def test_a_layer_that_raised_and_is_called_again_gets_its_weights_back():
                 raise RuntimeError("transient")
             return super().forward(x)
 
-    class Retry(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), Raises(4, 4)
-
+    class Retry(TwoLinear):
         def forward(self, x):
             h = self.a(x)
             try:
@@ -270,7 +263,7 @@ def test_a_layer_that_raised_and_is_called_again_gets_its_weights_back():
             except RuntimeError:
                 return self.b(h).sum(1)
 
-    wrapped = BookkeepingModule(Retry())
+    wrapped = BookkeepingModule(Retry(second=Raises))
     wrapped(torch.rand(B, 4)).mean().backward()
     assert all(p.requires_grad for p in wrapped.parameters())
 

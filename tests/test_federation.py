@@ -11,6 +11,8 @@ from common.models.generators import build_generator
 from server.ledger import ServerLedger
 from server.strategy import LedgerFedAvg
 
+from .conftest import Grid
+
 
 @pytest.fixture(autouse=True)
 def _messages_need_a_task(task_identity):
@@ -143,18 +145,10 @@ def test_a_node_that_must_not_train_says_so_and_is_only_asked_to_evaluate(tiny_r
     assert strategy.evaluation_only == {out.metadata.src_node_id: site_yaml} and ServerLedger(tmp_path / "l.json").summary() == {}
 
 
-class _Grid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
-
-
 def test_sites_evaluate_the_previous_global_model_inside_their_train_call(tmp_path):
     """One message per site per round: evaluate messages only for evaluation-only sites, and after the last round."""
     s = LedgerFedAvg(tmp_path, ServerLedger(tmp_path / "l.json"), evaluate_in_train=True, min_train_nodes=1, min_available_nodes=1)
-    s.num_rounds, grid = 3, _Grid([11, 12, 13])
+    s.num_rounds, grid = 3, Grid([11, 12, 13])
     first = list(s.configure_train(1, ArrayRecord({}), ConfigRecord({}), grid))
     second = list(s.configure_train(2, ArrayRecord({}), ConfigRecord({}), grid))
     assert first[0].content["config"]["evaluate-incoming"] == 0  # round 1 brings the initial model

@@ -10,6 +10,8 @@ import pytest
 
 from common.config import ConfigError, load_run, run_from_dict
 from common.data.partition import sized_label_skewed_partition
+
+from .conftest import Grid
 from common.evaluation.ledgers import audit_ledgers
 from common.site_generator import power_law_shares
 
@@ -85,12 +87,8 @@ def test_a_pool_too_small_for_the_floor_is_refused():
         sized_label_skewed_partition(LABELS, [1.0] * 100, alpha=1.0, seed=0, min_images=60)
 
 
-class Grid:
-    def __init__(self, n):
-        self.nodes = list(range(100, 100 + n))
-
-    def get_node_ids(self):
-        return self.nodes
+def grid_of(n: int) -> Grid:
+    return Grid(range(100, 100 + n))
 
 
 def strategy(tmp_path, **kw):
@@ -104,16 +102,16 @@ def test_each_round_samples_the_configured_share_reproducibly(tmp_path, task_ide
     from flwr.app import ArrayRecord, ConfigRecord
 
     s = strategy(tmp_path, fraction_train=0.05, min_train_nodes=3)
-    grid = Grid(100)
+    grid = grid_of(100)
     draws = [s.sample(grid, r, 0.05, 3, train=True)[0] for r in range(1, 6)]
     assert all(len(d) == 5 and len(set(d)) == 5 for d in draws)  # max(0.05 x 100, 3)
     assert len({tuple(d) for d in draws}) == 5  # a new draw each round
     assert draws == [strategy(tmp_path).sample(grid, r, 0.05, 3, train=True)[0] for r in range(1, 6)]  # repeatable
-    assert len(s.sample(Grid(20), 1, 0.05, 3, train=True)[0]) == 3  # the minimum decides
-    s.evaluation_only = {n: "external" for n in grid.nodes[:98]}
-    assert sorted(s.sample(grid, 1, 0.05, 3, train=True)[0]) == grid.nodes[98:]  # only nodes that train are drawn
+    assert len(s.sample(grid_of(20), 1, 0.05, 3, train=True)[0]) == 3  # the minimum decides
+    s.evaluation_only = {n: "external" for n in grid.node_ids[:98]}
+    assert sorted(s.sample(grid, 1, 0.05, 3, train=True)[0]) == grid.node_ids[98:]  # only nodes that train are drawn
     s = strategy(tmp_path, fraction_train=0.05, min_train_nodes=3)
-    msgs = list(s.configure_train(1, ArrayRecord({}), ConfigRecord({}), Grid(40)))
+    msgs = list(s.configure_train(1, ArrayRecord({}), ConfigRecord({}), grid_of(40)))
     assert len(msgs) == 3 and s.history["sampled"][-1] == {"round": 1, "nodes": 3, "of": 40}
 
 

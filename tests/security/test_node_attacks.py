@@ -19,19 +19,9 @@ from server.strategy import LedgerFedAvg
 from simulations import deploy
 from simulations.cli import main as cli
 
-from ..conftest import REPO, TINY
+from ..conftest import REPO, TINY, Grid
 
 METRICS = {"epsilon": 1.0, "epsilon-budget": 8.0, "delta": 1e-5, "declined": 0, "weight": 1}
-
-
-class Grid:
-    """Just enough of a Flower grid for a strategy to address its nodes."""
-
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
 
 
 # ------------------------------------------------------------------ item 1: the server uses the binding

@@ -100,6 +100,11 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
     return out
 
 
+def _plain_conv2d(layer: nn.Module) -> bool:
+    """A Conv2d that both the ghost norm and :func:`conv2d_grad_sample` handle."""
+    return type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
 def _trainable(layer: nn.Module) -> list[nn.Parameter]:
     return [p for p in layer.parameters(recurse=False) if p.requires_grad]
 
@@ -122,7 +127,6 @@ class BookkeepingModule(nn.Module):
         self._off_graph: dict[nn.Module, list[nn.Parameter]] = {}
         self._records: list[tuple[nn.Module, str, object]] = []
         self._sq_norms: torch.Tensor | None = None
-        self._row_scale = 1
         self._off_this_step: list[nn.Parameter] = []
         owner: dict[int, nn.Module] = {}
         for layer in module.modules():
@@ -148,8 +152,7 @@ class BookkeepingModule(nn.Module):
             a = a.to(g.dtype)
             sq = (a * a).sum(1) * (g * g).sum(1) if layer.weight.requires_grad else zero
             return sq, lambda cg: cg.t() @ a
-        if (type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
-                and conv_ghost_is_cheaper(layer, g)):
+        if _plain_conv2d(layer) and conv_ghost_is_cheaper(layer, g):
             # ||sum_t g_t a_t^T||^2 = <A A^T, G G^T> over positions t (Li et al. 2022, eq. 6)
             cols, gt = F.unfold(a.to(g.dtype), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride), g.flatten(2)
             sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gt.transpose(1, 2), gt)).sum((1, 2)) if layer.weight.requires_grad else zero
@@ -230,9 +233,6 @@ class BookkeepingModule(nn.Module):
         g = g if g.dtype == torch.float64 else g.float()
         a = inputs[0]
         n = g.shape[0]
-        # Under a mean loss each row's own gradient is n x its share of g: n is applied to the
-        # norms and to the clip factors, never to a whole backprop tensor.
-        self._row_scale = n if self.loss_reduction == "mean" else 1
         ghost = self._ghost_weight(layer, a, g)
         if ghost is not None:  # the weight's per-sample squared norms, and its clipped sum from scaled backprops
             sq, weight_grad = ghost
@@ -242,12 +242,18 @@ class BookkeepingModule(nn.Module):
         else:
             # Opacus' sampler for the type (a Linear on (batch, tokens, features) too), else functorch.
             sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer), ft_compute_per_sample_gradient)
-            if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            if _plain_conv2d(layer):
                 sampler = conv2d_grad_sample
             per = {p: gs for p, gs in sampler(layer, inputs, g).items() if p.requires_grad}
             sq = sum(torch.linalg.vector_norm(gs.reshape(n, -1), dim=1) ** 2 for gs in per.values())
             self._records.append((layer, "instantiated", per))
         self._sq_norms = sq if self._sq_norms is None else self._sq_norms + sq
+
+    @property
+    def _row_scale(self) -> int:
+        # Under a mean loss each row's own gradient is n x its share of the backprops: n is
+        # applied to the norms and to the clip factors, never to a whole backprop tensor.
+        return self._sq_norms.shape[0] if self.loss_reduction == "mean" else 1
 
     @property
     def per_sample_gradient_norms(self) -> torch.Tensor | None:
@@ -272,8 +278,6 @@ class BookkeepingModule(nn.Module):
             if kind == "ghost":
                 g, weight_grad = data
                 cg = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
-                if any(id(p) in written for p in _trainable(layer)):
-                    raise RuntimeError("grad_sample_mode bookkeeping: a parameter is shared by two layers; use hooks")
                 if layer.weight.requires_grad:
                     layer.weight.grad = weight_grad(cg).to(layer.weight.dtype)
                     written.add(id(layer.weight))
@@ -282,8 +286,6 @@ class BookkeepingModule(nn.Module):
                     written.add(id(layer.bias))
             else:
                 for p, gs in data.items():
-                    if id(p) in written:  # a parameter shared by two layers: same cross term
-                        raise RuntimeError("grad_sample_mode bookkeeping: a parameter is shared by two layers; use hooks")
                     p.grad = torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
                     written.add(id(p))
         self.forget()
